@@ -1,0 +1,1 @@
+"""The ``onnxadmm`` command line (installed as the package ``onnxadmm_cli``)."""

@@ -1,0 +1,385 @@
+"""Static analysis of an ONNX graph: constants, topological order, trainable weights.
+
+Nothing here needs the operator implementations, so ``inspect`` can describe any model, even one
+with unsupported ops.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from ..errors import UnsupportedModelError
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+# (op_type -> {input index: role}); weight roles are the compressible ones.
+WEIGHT_INPUTS: dict[str, dict[int, str]] = {
+    "Conv": {1: "weight", 2: "bias"},
+    "ConvTranspose": {1: "weight", 2: "bias"},
+    "Gemm": {0: "weight", 1: "weight", 2: "bias"},
+    "MatMul": {0: "weight", 1: "weight"},
+    "BatchNormalization": {1: "scale", 2: "bias"},
+    "InstanceNormalization": {1: "scale", 2: "bias"},
+    "LayerNormalization": {1: "scale", 2: "bias"},
+}
+PASS_THROUGH = {"Identity", "Cast"}
+# Ops through which no gradient flows: an output reached only through them is not trainable.
+NON_DIFFERENTIABLE = {
+    "ArgMax", "ArgMin", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And",
+    "Or", "Xor", "Shape", "Size", "NonZero", "IsNaN", "IsInf", "Round", "Floor", "Ceil", "Sign",
+}  # fmt: skip
+
+
+@dataclass
+class WeightInfo:
+    """A float tensor that becomes a trainable parameter."""
+
+    name: str  # ONNX tensor name (initializer or Constant-node output)
+    op_type: str  # consuming op
+    node: str  # consuming node name
+    role: str  # weight | bias | scale
+    shape: tuple[int, ...]
+    dtype: int  # ONNX element type
+    out_axis: int | None = None  # axis of output channels/filters (weights only)
+    in_axis: int | None = None  # axis of input channels
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def compressible(self) -> bool:
+        return self.role == "weight"
+
+
+def opset_versions(model: onnx.ModelProto) -> dict[str, int]:
+    out = {}
+    for o in model.opset_import:
+        out["" if o.domain in ("", "ai.onnx") else o.domain] = int(o.version)
+    return out
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        if a.name == "value":
+            return onnx.numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+        if a.name == "sparse_value":
+            from onnx.reference.op_run import to_array_extended
+
+            return to_array_extended(a.sparse_tensor)
+    raise UnsupportedModelError(f"Constant node {node.name!r} has no supported value attribute")
+
+
+def constant_types(graph: onnx.GraphProto) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{name: (elem_type, shape)} for initializers and Constant-node outputs (no data decoded)."""
+    out = {}
+    for t in graph.initializer:
+        out[t.name] = (t.data_type, tuple(t.dims))
+    for s in graph.sparse_initializer:
+        out[s.values.name] = (s.values.data_type, tuple(s.dims))
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = (a.t.data_type, tuple(a.t.dims))
+                elif a.name in ("value_float", "value_floats"):
+                    out[n.output[0]] = (
+                        onnx.TensorProto.FLOAT,
+                        () if a.name == "value_float" else (len(a.floats),),
+                    )
+                elif a.name in ("value_int", "value_ints"):
+                    out[n.output[0]] = (
+                        onnx.TensorProto.INT64,
+                        () if a.name == "value_int" else (len(a.ints),),
+                    )
+    return out
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers (dense and sparse) and Constant-node outputs, decoded."""
+    from onnx.reference.op_run import to_array_extended
+
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for s in graph.sparse_initializer:
+        out[s.values.name] = to_array_extended(s)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+            out[n.output[0]] = constant_node_value(n)
+    return out
+
+
+def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not also initializers (old IR lists weights as inputs)."""
+    inits = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def topo_sort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, stable in the file's order; handles files whose nodes are not sorted."""
+    producers = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                producers[o] = i
+    deps = [set() for _ in nodes]
+    users = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name and name not in available and name in producers and producers[name] != i:
+                deps[i].add(producers[name])
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    ready = deque(i for i, d in enumerate(deps) if not d)
+    order = []
+    import heapq
+
+    heap = list(ready)
+    heapq.heapify(heap)
+    while heap:
+        i = heapq.heappop(heap)
+        order.append(i)
+        for u in users[i]:
+            deps[u].discard(i)
+            if not deps[u]:
+                heapq.heappush(heap, u)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if i not in set(order)]
+        raise UnsupportedModelError(f"graph has a cycle or dangling inputs at nodes {stuck[:5]}")
+    return [nodes[i] for i in order]
+
+
+def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes needed to compute ``outputs`` (file order kept)."""
+    producer = {}
+    for n in graph.node:
+        for o in n.output:
+            if o:
+                producer[o] = n
+    keep = set()
+    stack = list(outputs)
+    seen = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        n = producer.get(name)
+        if n is None:
+            continue
+        keep.add(id(n))
+        stack.extend(i for i in n.input if i)
+    return [n for n in graph.node if id(n) in keep]
+
+
+def _producers(graph):
+    p = {}
+    for n in graph.node:
+        for o in n.output:
+            if o:
+                p[o] = n
+    return p
+
+
+def resolve_source(name: str, producers: dict, consts: dict) -> str | None:
+    """Follow Identity/Cast back to a constant tensor; None when ``name`` is not constant-derived."""
+    seen = set()
+    while name not in consts:
+        if name in seen:
+            return None
+        seen.add(name)
+        n = producers.get(name)
+        if n is None or n.op_type not in PASS_THROUGH or not n.input:
+            return None
+        name = n.input[0]
+    return name
+
+
+def _axes(op_type: str, idx: int, shape: tuple, node: onnx.NodeProto) -> tuple[int | None, int | None]:
+    nd = len(shape)
+    if op_type == "Conv":
+        return 0, 1
+    if op_type == "ConvTranspose":
+        return 1, 0
+    if op_type == "Gemm":
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        if idx == 1:
+            return (0, 1) if attrs.get("transB", 0) else (1, 0)
+        return (1, 0) if attrs.get("transA", 0) else (0, 1)
+    if op_type == "MatMul" and nd >= 2:
+        return (nd - 1, nd - 2) if idx == 1 else (nd - 2, nd - 1)
+    return None, None
+
+
+def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = None) -> list[WeightInfo]:
+    """Every float constant feeding a weight/bias/scale input, plus Keras-style bias Adds.
+
+    Keras and TensorFlow exports write a dense layer as MatMul followed by Add(bias); a float
+    constant added to the output of Conv/Gemm/MatMul is treated as that layer's bias.
+    """
+    graph = model.graph
+    nodes = list(graph.node) if nodes is None else nodes
+    consts = constant_types(graph)
+    producers = _producers(graph)
+    found: dict[str, WeightInfo] = {}
+
+    def add(src, op, node, role, idx):
+        dtype, shape = consts[src]
+        if dtype not in FLOAT_TYPES or src in found:
+            return
+        out_axis, in_axis = _axes(op, idx, shape, node) if role == "weight" else (None, None)
+        found[src] = WeightInfo(src, op, node.name or node.output[0], role, shape, dtype, out_axis, in_axis)
+
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        slots = WEIGHT_INPUTS.get(node.op_type)
+        if slots:
+            srcs = {
+                i: resolve_source(node.input[i], producers, consts)
+                for i in slots
+                if i < len(node.input) and node.input[i]
+            }
+            if node.op_type == "MatMul" and srcs.get(0) and srcs.get(1):
+                srcs.pop(0)  # both constant: the right operand is the weight
+            if node.op_type == "Gemm" and srcs.get(0) and srcs.get(1):
+                srcs.pop(0)
+            for i, src in srcs.items():
+                if src is not None:
+                    add(src, node.op_type, node, slots[i], i)
+        elif node.op_type == "Add" and len(node.input) == 2:
+            for k in (0, 1):
+                other = producers.get(node.input[1 - k])
+                src = resolve_source(node.input[k], producers, consts)
+                if src is not None and other is not None and other.op_type in ("MatMul", "Conv", "Gemm"):
+                    if resolve_source(node.input[1 - k], producers, consts) is None:
+                        add(src, other.op_type, node, "bias", k)
+    # a tensor also used as a weight elsewhere keeps its weight role
+    return list(found.values())
+
+
+def training_outputs(model: onnx.ModelProto) -> list[str]:
+    """Outputs to train on: the graph outputs, except that an output reached from the weights only
+    through non-differentiable ops (e.g. an accuracy computed by ArgMax/Equal/ReduceMean) is
+    replaced by the float tensors feeding those ops that do depend on the weights (the logits)."""
+    graph = model.graph
+    producers = _producers(graph)
+    consts = constant_types(graph)
+    weights = {w.name for w in find_weights(model)}
+    dep_cache: dict[str, bool] = {}
+
+    def depends_on_weights(name: str) -> bool:
+        # iterative DFS with memo
+        if name in dep_cache:
+            return dep_cache[name]
+        stack, order, seen = [name], [], set()
+        while stack:
+            v = stack.pop()
+            if v in seen or v in dep_cache:
+                continue
+            seen.add(v)
+            order.append(v)
+            n = producers.get(v)
+            if n is not None:
+                stack.extend(i for i in n.input if i)
+        for v in reversed(order):
+            n = producers.get(v)
+            if v in weights:
+                dep_cache[v] = True
+            elif n is None:
+                dep_cache[v] = False
+            else:
+                dep_cache[v] = any(dep_cache.get(i, False) for i in n.input if i)
+        return dep_cache[name]
+
+    result: list[str] = []
+    for out in graph.output:
+        cut: list[str] = []
+        differentiable = _differentiable_path(out.name, producers, consts, depends_on_weights, cut)
+        if differentiable:
+            result.append(out.name)
+        else:
+            result.extend(c for c in cut if c not in result)
+    return result or [o.name for o in graph.output]
+
+
+def _differentiable_path(name, producers, consts, depends, cut) -> bool:
+    """True when a gradient can flow from ``name`` back to a weight. On the way, behind each
+    non-differentiable op (and chains of them, e.g. Equal <- ArgMax), collect in ``cut`` the first
+    weight-dependent tensors produced by differentiable ops: those are the training outputs."""
+    seen = set()
+    stack = [(name, False)]
+    ok = False
+    while stack:
+        v, cutting = stack.pop()
+        if (v, cutting) in seen:
+            continue
+        seen.add((v, cutting))
+        n = producers.get(v)
+        if n is None:
+            if not cutting and v in consts and depends(v):
+                ok = True
+            continue
+        if n.op_type in NON_DIFFERENTIABLE:
+            stack.extend((i, True) for i in n.input if i)
+        elif cutting:
+            if depends(v) and v not in cut:
+                cut.append(v)
+        else:
+            stack.extend((i, False) for i in n.input if i)
+    return ok
+
+
+def unsupported_ops(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = None) -> list[dict]:
+    """[{op, domain, opset, nodes, first}] for every op the registry cannot run at the model's opset."""
+    from .registry import _load_ops, lookup
+
+    _load_ops()
+    opsets = opset_versions(model)
+    missing: dict[tuple[str, str], list[str]] = {}
+    for n in model.graph.node if nodes is None else nodes:
+        dom = "" if n.domain in ("", "ai.onnx") else n.domain
+        if n.op_type == "Constant" and dom == "":
+            continue
+        if lookup(n.op_type, dom, opsets.get(dom, 1)) is None:
+            missing.setdefault((dom, n.op_type), []).append(n.name or n.output[0])
+    return [
+        {
+            "op": op,
+            "domain": dom or "ai.onnx",
+            "opset": opsets.get(dom),
+            "nodes": len(names),
+            "first": names[0],
+        }
+        for (dom, op), names in missing.items()
+    ]
+
+
+def check_supported(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Raise one UnsupportedModelError naming every unsupported op, its domain/opset, a node and the count."""
+    missing = unsupported_ops(model, nodes)
+    if missing:
+        parts = [
+            f"{m['op']} (domain '{m['domain']}', opset {m['opset']}) at node '{m['first']}', "
+            f"{m['nodes']} node{'s' if m['nodes'] != 1 else ''} affected"
+            for m in missing
+        ]
+        raise UnsupportedModelError("unsupported operator: " + "; ".join(parts))

@@ -1,0 +1,208 @@
+"""OnnxGraphModule: an ONNX graph run by torch, trainable, with parameters named after ONNX tensors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..modelio import load_model
+from . import analysis
+from .registry import GraphContext, NodeContext, _load_ops, lookup, torch_dtype
+
+
+def _sanitize(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", name) or "t"
+    if base[0].isdigit():
+        base = "t_" + base
+    cand, k = base, 1
+    while cand in taken:
+        k += 1
+        cand = f"{base}_{k}"
+    taken.add(cand)
+    return cand
+
+
+def _fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
+    """The batch baked into the export: every input declares the same fixed leading dim (e.g. 1)."""
+    dims = set()
+    for vi in inputs:
+        t = vi.type.tensor_type
+        if not t.HasField("shape") or not t.shape.dim:
+            return None
+        d0 = t.shape.dim[0]
+        if not d0.HasField("dim_value") or d0.dim_value <= 0:
+            return None
+        dims.add(int(d0.dim_value))
+    return dims.pop() if len(dims) == 1 else None
+
+
+class OnnxGraphModule(nn.Module):
+    """A torch module that runs an ONNX graph.
+
+    Float tensors feeding weight/bias/scale inputs (see :mod:`.analysis`) are ``nn.Parameter``;
+    all other constants are buffers. ``onnx_name(param_name)`` and :meth:`named_onnx_parameters`
+    map back to ONNX tensor names (torch forbids dots in attribute names, ONNX allows anything).
+
+    ``outputs`` selects which tensors to return (default: the graph outputs); only the nodes and
+    inputs they need are kept. float16 models compute in float32 (parameters are float32 masters).
+    """
+
+    def __init__(self, model, outputs: Sequence[str] | None = None):
+        super().__init__()
+        model = load_model(model)
+        _load_ops()
+        graph = model.graph
+        self.opsets = analysis.opset_versions(model)
+        self.output_names = list(outputs) if outputs else [o.name for o in graph.output]
+        all_inputs = analysis.graph_inputs(graph)
+        const_types = analysis.constant_types(graph)
+        known = {o for n in graph.node for o in n.output} | {i.name for i in all_inputs} | set(const_types)
+        for name in self.output_names:
+            if name not in known:
+                raise UnsupportedModelError(f"output {name!r} is not a tensor of this graph")
+        nodes = analysis.needed_nodes(graph, self.output_names)
+        compute_nodes = [n for n in nodes if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
+        analysis.check_supported(model, compute_nodes)  # fail before any work
+        needed_names = {i for n in nodes for i in n.input} | set(self.output_names)
+        self.inputs_info = [vi for vi in all_inputs if vi.name in needed_names]
+        self.input_names = [vi.name for vi in self.inputs_info]
+        available = set(self.input_names) | set(const_types)
+        compute_nodes = analysis.topo_sort(compute_nodes, available)
+
+        float16 = any(t == onnx.TensorProto.FLOAT16 for t, _ in const_types.values()) or any(
+            vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for vi in self.inputs_info
+        )
+        self.ctx = GraphContext(
+            fixed_batch=_fixed_batch(self.inputs_info), compute_float16_as_float32=float16
+        )
+        self.input_dtypes = [
+            torch_dtype(vi.type.tensor_type.elem_type, self.ctx)
+            if vi.type.tensor_type.elem_type
+            else torch.float32
+            for vi in self.inputs_info
+        ]
+
+        self.weights = analysis.find_weights(model, nodes)
+        weight_names = {w.name for w in self.weights}
+        values = analysis.constant_values(graph)
+        used_consts = [n for n in dict.fromkeys(i for n in compute_nodes for i in n.input) if n in values]
+        used_consts += [n for n in self.output_names if n in values and n not in used_consts]
+
+        taken: set[str] = set()
+        self._onnx_of: dict[str, str] = {}  # torch attribute name -> onnx name
+        self._attr_of: dict[str, str] = {}  # onnx name -> torch attribute name
+        slot_of: dict[str, int] = {}
+
+        def slot(name: str) -> int:
+            if name not in slot_of:
+                slot_of[name] = len(slot_of)
+            return slot_of[name]
+
+        const_slots = []
+        for name in used_consts:
+            arr = values[name]
+            t = torch.from_numpy(np.array(arr, copy=True))
+            if t.dtype == torch.float16 and self.ctx.compute_float16_as_float32:
+                t = t.float()
+            attr = _sanitize(name, taken)
+            self._onnx_of[attr] = name
+            self._attr_of[name] = attr
+            if name in weight_names:
+                self.register_parameter(attr, nn.Parameter(t.float() if t.is_floating_point() else t))
+                const_slots.append((slot(name), True, attr))
+            else:
+                self.register_buffer(attr, t)
+                const_slots.append((slot(name), False, attr))
+        self._const_slots = const_slots
+        self._input_slots = [slot(n) for n in self.input_names]
+
+        program = []
+        self.node_names = []
+        for n in compute_nodes:
+            dom = "" if n.domain in ("", "ai.onnx") else n.domain
+            opset = self.opsets.get(dom, 1)
+            consts = {
+                i: values[name]
+                for i, name in enumerate(n.input)
+                if name and name in values and name not in weight_names
+            }
+            in_dtypes = {}
+            for i, name in enumerate(n.input):
+                if name in const_types:
+                    in_dtypes[i] = const_types[name][0]
+            nctx = NodeContext(node=n, opset=opset, graph=self.ctx, consts=consts, input_dtypes=in_dtypes)
+            try:
+                fn = lookup(n.op_type, dom, opset)(nctx)
+            except NotImplementedError as exc:
+                raise UnsupportedModelError(
+                    f"unsupported use of {n.op_type} (opset {opset}) at node '{nctx.name}': {exc}"
+                ) from None
+            ins = tuple(slot(i) if i else -1 for i in n.input)
+            outs = tuple(slot(o) if o else -1 for o in n.output)
+            program.append((fn, ins, outs))
+            self.node_names.append(nctx.name)
+        self._program = program
+        self._output_slots = [slot(n) for n in self.output_names]
+        self._n_slots = len(slot_of)
+
+    # ---- names -------------------------------------------------------------------------------
+    def onnx_name(self, attr: str) -> str:
+        return self._onnx_of[attr]
+
+    def parameter_for(self, onnx_name: str) -> nn.Parameter:
+        return self._parameters[self._attr_of[onnx_name]]
+
+    def named_onnx_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for attr, p in self._parameters.items():
+            yield self._onnx_of[attr], p
+
+    def compressible_weights(self) -> list[analysis.WeightInfo]:
+        return [w for w in self.weights if w.compressible]
+
+    def onnx_state(self) -> dict[str, np.ndarray]:
+        """Current parameter values by ONNX name, as float32 numpy arrays."""
+        return {n: p.detach().cpu().float().numpy().copy() for n, p in self.named_onnx_parameters()}
+
+    # ---- run ---------------------------------------------------------------------------------
+    def forward(self, *inputs, **named):
+        if named:
+            inputs = tuple(inputs) + tuple(named[n] for n in self.input_names[len(inputs) :])
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        env: list = [None] * self._n_slots
+        params, buffers = self._parameters, self._buffers
+        for s, is_param, attr in self._const_slots:
+            env[s] = params[attr] if is_param else buffers[attr]
+        first = True
+        for s, x, dt in zip(self._input_slots, inputs, self.input_dtypes):
+            if not isinstance(x, torch.Tensor):
+                x = torch.as_tensor(np.asarray(x))
+            if x.dtype != dt:
+                x = x.to(dt)
+            if first:
+                self.ctx.batch = int(x.shape[0]) if x.dim() else None
+                first = False
+            env[s] = x
+        for fn, ins, outs in self._program:
+            res = fn(*[env[i] if i >= 0 else None for i in ins])
+            if len(outs) == 1:
+                env[outs[0]] = res[0] if isinstance(res, (tuple, list)) else res
+            else:
+                if not isinstance(res, (tuple, list)):
+                    res = (res,)
+                for o, r in zip(outs, res):
+                    if o >= 0:
+                        env[o] = r
+        out = [env[s] for s in self._output_slots]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def import_onnx(model, outputs: Sequence[str] | None = None) -> OnnxGraphModule:
+    """Import an ONNX model (path or ModelProto) as a trainable torch module."""
+    return OnnxGraphModule(model, outputs=outputs)

@@ -1,0 +1,14 @@
+"""Operator families; importing this package registers every op with the registry."""
+
+from . import (  # noqa: F401
+    activation,
+    conv,
+    elementwise,
+    experimental,
+    linear,
+    norm,
+    pool,
+    reduce,
+    resize,
+    shape,
+)

@@ -1,0 +1,1 @@
+"""experimental operators (being written)."""

@@ -1,0 +1,103 @@
+"""Describe a model: producer, opsets, inputs/outputs, compressible layers, unsupported ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from ..importer import analysis
+from ..modelio import load_model
+
+
+def _vi(vi: onnx.ValueInfoProto) -> dict:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return {"name": vi.name, "dtype": vi.type.WhichOneof("value") or "?", "shape": None}
+    shape = None
+    if t.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    return {"name": vi.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type), "shape": shape}
+
+
+def describe(path) -> dict:
+    model = load_model(path)
+    g = model.graph
+    weights = analysis.find_weights(model)
+    layers = [
+        {
+            "name": w.name,
+            "op": w.op_type,
+            "node": w.node,
+            "shape": list(w.shape),
+            "params": w.params,
+            "dtype": onnx.TensorProto.DataType.Name(w.dtype),
+        }
+        for w in weights
+        if w.compressible
+    ]
+    others = [w for w in weights if not w.compressible]
+    ops: dict[str, int] = {}
+    for n in g.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    return {
+        "file": str(path) if not isinstance(path, onnx.ModelProto) else None,
+        "file_bytes": Path(path).stat().st_size
+        if not isinstance(path, onnx.ModelProto)
+        else model.ByteSize(),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "ir_version": model.ir_version,
+        "opsets": {(k or "ai.onnx"): v for k, v in analysis.opset_versions(model).items()},
+        "inputs": [_vi(v) for v in analysis.graph_inputs(g)],
+        "outputs": [_vi(v) for v in g.output],
+        "ops": ops,
+        "layers": layers,
+        "other_params": [
+            {"name": w.name, "op": w.op_type, "role": w.role, "shape": list(w.shape), "params": w.params}
+            for w in others
+        ],
+        "totals": {
+            "compressible_layers": len(layers),
+            "compressible_params": sum(x["params"] for x in layers),
+            "other_trainable_params": sum(w.params for w in others),
+        },
+        "training_outputs": analysis.training_outputs(model),
+        "unsupported": analysis.unsupported_ops(model),
+    }
+
+
+def format_description(d: dict) -> str:
+    lines = [
+        f"model      {d['file']}  ({d['file_bytes']:,} bytes)",
+        f"producer   {d['producer'] or '?'}   ir {d['ir_version']}   opsets "
+        + ", ".join(f"{k}:{v}" for k, v in d["opsets"].items()),
+    ]
+    for kind in ("inputs", "outputs"):
+        for v in d[kind]:
+            lines.append(f"{kind[:-1]:<10} {v['name']}  {v['dtype']}  {v['shape']}")
+    lines.append("ops        " + ", ".join(f"{k}x{v}" for k, v in d["ops"].items()))
+    if d["layers"]:
+        w = max(len(x["name"]) for x in d["layers"])
+        w = min(max(w, 5), 60)
+        lines.append("")
+        lines.append(f"{'layer':<{w}}  {'op':<14} {'shape':<22} {'params':>10}")
+        for x in d["layers"]:
+            lines.append(f"{x['name'][:w]:<{w}}  {x['op']:<14} {str(x['shape']):<22} {x['params']:>10,}")
+    t = d["totals"]
+    lines.append("")
+    lines.append(
+        f"compressible: {t['compressible_layers']} layers, {t['compressible_params']:,} weights; "
+        f"biases/normalisation: {t['other_trainable_params']:,} params (not compressed)"
+    )
+    if not d["layers"]:
+        lines.append("nothing to compress: no float weight tensors feed Conv/ConvTranspose/Gemm/MatMul")
+    if d["unsupported"]:
+        for u in d["unsupported"]:
+            lines.append(
+                f"unsupported: {u['op']} (domain {u['domain']}, opset {u['opset']}), "
+                f"{u['nodes']} node(s), first '{u['first']}'"
+            )
+    else:
+        lines.append("all operators supported")
+    return "\n".join(lines)
