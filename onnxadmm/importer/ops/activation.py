@@ -173,6 +173,9 @@ def dropout_v12(node: NodeContext):
         p = 0.5 if ratio is None else float(ratio)
         if p == 0.0:
             return identity(x)
+        if p >= 1.0:
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            return (torch.zeros_like(x), mask) if want_mask else torch.zeros_like(x)
         mask = torch.rand_like(x, dtype=torch.float32) >= p
         y = x * mask / (1.0 - p)
         return (y, mask) if want_mask else y

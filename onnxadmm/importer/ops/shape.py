@@ -332,8 +332,6 @@ def gather(node: NodeContext):
                 idx = _fix_negative(idx, x.shape[a])
         else:
             idx = _fix_negative(indices.long(), x.shape[a])
-        if idx.dim() == 0:
-            return x.select(a, idx) if x.dim() > 1 or idx.device == x.device else x[idx]
         out = x.index_select(a, idx.reshape(-1))
         if idx.dim() == 1:
             return out
@@ -526,7 +524,7 @@ def _pad(x: torch.Tensor, pads: list[int], mode: str, value, axes: list[int] | N
         and rank in (3, 4, 5)
         and padded[0] >= 2
         and all(p >= 0 for a in padded for p in per_axis[a])
-        and (mode != "reflect" or all(max(per_axis[a]) < x.shape[a] for a in padded))
+        and (mode == "edge" or all(max(per_axis[a]) < x.shape[a] for a in padded))
     ):
         flat = []
         for a in range(rank - 1, 1, -1):

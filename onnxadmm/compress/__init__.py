@@ -1,0 +1,1 @@
+"""ADMM compression: configuration, projections, per-layer allocation, the training loop."""

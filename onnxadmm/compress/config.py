@@ -1,0 +1,126 @@
+"""CompressConfig: every knob of a compression run, with defaults, parsing and file loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def parse_rate(text) -> float:
+    """'20x', '20', '20.5x' -> 20.0; '95%' (sparsity) -> 20.0. Rejects rates below 1x and nonsense."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(x|%)?", s)
+        if not m:
+            raise ConfigError(
+                f"rate {text!r}: expected a pruning rate like 20x (keep 1/20 of the weights) or 95%"
+            )
+        value = float(m.group(1))
+        if m.group(2) == "%":
+            if not 0 <= value < 100:
+                raise ConfigError(f"rate {text!r}: sparsity must be in [0%, 100%)")
+            value = 100.0 / (100.0 - value)
+    if not math.isfinite(value) or value < 1.0:
+        raise ConfigError(
+            f"rate {text!r}: the pruning rate is (all weights)/(non-zero weights) and must be at least 1x, e.g. 20x"
+        )
+    return value
+
+
+@dataclass
+class CompressConfig:
+    """Defaults suit small CNN/MLP classifiers on a CPU; every field can be set from --config."""
+
+    rate: float = 20.0  # overall pruning rate over compressible weights
+    layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates
+    exclude: list = field(default_factory=list)  # weight names or glob patterns left dense
+    progressive: bool = True  # reach high rates in steps
+    step_factor: float = 8.0  # largest rate ratio between two progressive steps
+    admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
+    epochs_per_iteration: float = 1.0
+    retrain_epochs: float = 4.0  # masked retraining epochs per step
+    rho: float = 1e-3  # initial ADMM penalty
+    rho_multiplier: float = 2.0  # rho grows by this per ADMM iteration (multi-rho)
+    rho_max: float = 1.0
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3  # W-step learning rate
+    retrain_lr: float = 5e-4  # masked retraining learning rate
+    momentum: float = 0.9  # sgd only
+    batch_size: int = 128
+    distill: float = 0.0  # weight of distillation from the original when labels exist (0: labels only)
+    temperature: float = 1.0  # distillation temperature
+    val_fraction: float = 0.1  # held out when no --val-data is given
+    seed: int = 0
+    device: str = "cpu"
+    max_batches_per_epoch: int | None = None  # cap for quick runs
+
+    def validate(self) -> CompressConfig:
+        self.rate = parse_rate(self.rate)
+        self.layer_rates = {k: parse_rate(v) for k, v in dict(self.layer_rates).items()}
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer {self.optimizer!r}: expected adam or sgd")
+        for name in ("step_factor", "rho", "rho_multiplier", "rho_max", "lr", "retrain_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.step_factor <= 1:
+            raise ConfigError("step_factor must be above 1")
+        for name in ("admm_iterations", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("epochs_per_iteration", "retrain_epochs", "distill"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction must be between 0 and 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def updated(self, **kw) -> CompressConfig:
+        known = {f.name for f in fields(self)}
+        bad = [k for k in kw if k not in known]
+        if bad:
+            raise ConfigError(f"unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        d = self.to_dict()
+        d.update({k: v for k, v in kw.items() if v is not None})
+        return CompressConfig(**d)
+
+
+def load_config_file(path) -> dict:
+    """Settings from a TOML or JSON file; a [layers] table maps weight names to {rate=..} or {exclude=true}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p}: not found")
+    try:
+        if p.suffix.lower() == ".json":
+            raw = json.loads(p.read_text())
+        else:
+            import tomllib
+
+            raw = tomllib.loads(p.read_text())
+    except Exception as exc:
+        raise ConfigError(f"config file {p}: cannot parse ({exc})") from None
+    raw = dict(raw.get("compress", raw))
+    layers = raw.pop("layers", {}) or {}
+    rates = dict(raw.pop("layer_rates", {}) or {})
+    exclude = list(raw.pop("exclude", []) or [])
+    for name, spec in layers.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(
+                f"config layers.{name}: expected a table like {{rate = '10x'}} or {{exclude = true}}"
+            )
+        if spec.get("exclude"):
+            exclude.append(name)
+        elif "rate" in spec:
+            rates[name] = spec["rate"]
+    raw["layer_rates"] = rates
+    raw["exclude"] = exclude
+    return raw

@@ -1,0 +1,106 @@
+"""Training outputs and losses.
+
+The loss is taken on the model's *training outputs* (:func:`analysis.training_outputs`), with a
+final Softmax replaced by its input so that cross-entropy works on logits (numerically stable).
+Heads that end in LogSoftmax (or Softmax followed by Log) give log-probabilities, on which
+cross-entropy is also exact. With labels: cross-entropy on the first head. Without: distillation
+from the original model, KL divergence for classifier heads and MSE for the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..importer import analysis
+
+
+@dataclass
+class Head:
+    """One training output: ``name`` in the graph; ``kind`` logits | logprobs | regression."""
+
+    name: str
+    kind: str
+    axis: int = -1  # class axis
+    legacy: bool = False  # opset < 13 Softmax: classes are the flattened tail from ``axis``
+
+    def classes(self, t: torch.Tensor) -> torch.Tensor:
+        """View as [rows, classes] for a classifier head."""
+        if t.dim() <= 1:
+            return t.reshape(1, -1)
+        axis = self.axis % t.dim()
+        if self.legacy:
+            return t.reshape(math.prod(t.shape[:axis]), -1)
+        return t.movedim(axis, -1).reshape(-1, t.shape[axis])
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def training_heads(model: onnx.ModelProto) -> list[Head]:
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    opset = analysis.opset_versions(model).get("", 13)
+    ranks = {}
+    for vi in list(model.graph.output) + list(model.graph.value_info):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    heads = []
+    for name in analysis.training_outputs(model):
+        n = producers.get(name)
+        if n is not None and n.op_type == "Softmax":
+            axis = _attr(n, "axis", -1 if opset >= 13 else 1)
+            heads.append(Head(n.input[0], "logits", axis, legacy=opset < 13))
+        elif n is not None and n.op_type == "LogSoftmax":
+            heads.append(
+                Head(name, "logprobs", _attr(n, "axis", -1 if opset >= 13 else 1), legacy=opset < 13)
+            )
+        elif (
+            n is not None
+            and n.op_type == "Log"
+            and producers.get(n.input[0]) is not None
+            and producers[n.input[0]].op_type == "Softmax"
+        ):
+            sm = producers[n.input[0]]
+            heads.append(
+                Head(name, "logprobs", _attr(sm, "axis", -1 if opset >= 13 else 1), legacy=opset < 13)
+            )
+        elif ranks.get(name) == 2:
+            heads.append(Head(name, "logits", 1))
+        else:
+            heads.append(Head(name, "regression"))
+    return heads
+
+
+def predictions(head: Head, out: torch.Tensor) -> torch.Tensor:
+    return head.classes(out).argmax(-1)
+
+
+def label_indices(labels: torch.Tensor) -> torch.Tensor:
+    return labels.argmax(-1) if labels.dim() > 1 else labels.long()
+
+
+def loss_fn(heads: list[Head], outs, labels, teacher, distill: float, temperature: float) -> torch.Tensor:
+    """Cross-entropy on the first classifier head (with labels), plus ``distill`` x distillation
+    (all heads; used alone when there are no labels)."""
+    total = outs[0].new_zeros(())
+    if labels is not None and heads[0].kind != "regression":
+        total = total + F.cross_entropy(heads[0].classes(outs[0]), label_indices(labels))
+    if teacher is not None and (labels is None or distill > 0):
+        w = 1.0 if labels is None else distill
+        T = temperature
+        for h, s, t in zip(heads, outs, teacher):
+            if h.kind == "regression":
+                total = total + w * F.mse_loss(s, t)
+            else:
+                ls = F.log_softmax(h.classes(s) / T, -1)
+                lt = F.log_softmax(h.classes(t) / T, -1)
+                total = total + w * (T * T) * F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+    return total

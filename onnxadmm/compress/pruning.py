@@ -1,0 +1,87 @@
+"""Projections onto sparse sets and the automatic per-layer rate allocation."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+
+from ..errors import ConfigError
+
+
+def topk_mask(w: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest |w| (restricted to ``allowed`` when given)."""
+    flat = w.detach().abs().flatten()
+    if allowed is not None:
+        flat = torch.where(allowed.flatten(), flat, torch.full_like(flat, -1.0))
+    k = max(0, min(int(k), flat.numel()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    if allowed is not None:
+        mask &= allowed.flatten()
+    return mask.view_as(w)
+
+
+def project(w: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean projection onto {at most k non-zeros (inside ``allowed``)}."""
+    return w * topk_mask(w, k, allowed)
+
+
+def matches(name: str, patterns) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def allocate(
+    sizes: dict[str, int], rate: float, fixed: dict[str, float] | None = None, exclude=()
+) -> dict[str, int]:
+    """Non-zeros to keep per layer so that sum(sizes) / sum(kept) == rate.
+
+    Layers named in ``fixed`` keep size/rate; excluded layers stay dense. The others keep
+    ``min(n, c * sqrt(n))`` weights, ``c`` solved by bisection: small layers (first convolutions,
+    classifier heads) are the most sensitive and cost little storage, so they keep a larger
+    fraction, while the big layers, which hold most of the redundancy, are pruned hardest.
+    """
+    fixed = dict(fixed or {})
+    total = sum(sizes.values())
+    budget = total / rate
+    keep: dict[str, int] = {}
+    free = []
+    for name, n in sizes.items():
+        if matches(name, exclude):
+            keep[name] = n
+        elif name in fixed:
+            keep[name] = max(1, int(round(n / fixed[name])))
+        else:
+            free.append(name)
+    left = budget - sum(keep.values())
+    if free and left < len(free):
+        raise ConfigError(
+            f"cannot reach {rate:.4g}x overall: excluded and fixed-rate layers already keep "
+            f"{sum(keep.values()):,} of the {int(budget):,} weights allowed"
+        )
+    if not free:
+        return keep
+
+    def kept(c: float) -> float:
+        return sum(min(sizes[n], max(1.0, c * math.sqrt(sizes[n]))) for n in free)
+
+    lo, hi = 0.0, max(math.sqrt(sizes[n]) for n in free) + 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if kept(mid) > left:
+            hi = mid
+        else:
+            lo = mid
+    for n in free:
+        keep[n] = int(min(sizes[n], max(1, round(lo * math.sqrt(sizes[n])))))
+    return keep
+
+
+def progressive_rates(target: float, step_factor: float, start: float = 1.0) -> list[float]:
+    """Geometric steps from ``start`` to ``target``, each at most ``step_factor`` times the previous."""
+    if target <= start * step_factor:
+        return [target]
+    n = math.ceil(math.log(target / start) / math.log(step_factor))
+    return [start * (target / start) ** (k / n) for k in range(1, n + 1)]
