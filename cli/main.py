@@ -66,7 +66,7 @@ def _parse_shapes(items) -> dict:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(model, as_json):
     """Describe MODEL: producer, opsets, inputs/outputs, compressible layers, unsupported ops.
@@ -80,7 +80,7 @@ def inspect(model, as_json):
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--data", help="Inputs to compare on (.npz / folder of .npy / 'digits'); default random.")
 @click.option(
     "--batch", default=2, show_default=True, help="Batch size of random inputs (dynamic-batch models)."
@@ -105,6 +105,220 @@ def verify(model, data, batch, shapes, seed, as_json):
     _emit_json(r.to_dict()) if as_json else click.echo(format_result(r))
     if not r.ok:
         sys.exit(1)
+
+
+def _data_options(scale, mean, std, layout) -> dict:
+    def floats(text, opt):
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in str(text).split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=opt) from None
+
+    return {"scale": scale, "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "layout": layout}
+
+
+def data_conversion_options(f):
+    f = click.option(
+        "--layout",
+        type=click.Choice(["nchw", "nhwc"]),
+        help="Layout of image data; transposed to the model's.",
+    )(f)
+    f = click.option("--std", help="Divide by this (per channel: 0.229,0.224,0.225) after --mean.")(f)
+    f = click.option("--mean", help="Subtract this (per channel: 0.485,0.456,0.406) after --scale.")(f)
+    f = click.option(
+        "--scale", type=float, help="Multiply raw data by this first (e.g. 0.00392157 for uint8 images)."
+    )(f)
+    return f
+
+
+
+
+def _defaults():
+    from onnxadmm.compress.config import CompressConfig
+
+    return CompressConfig()
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("output")
+@click.option(
+    "--rate",
+    help="Overall pruning rate over compressible weights: 20x (keep 5%), 20, or 95% sparsity. [default: 20x]",
+)
+@click.option(
+    "--data",
+    required=True,
+    help="Training data: .npz (arrays named after inputs, or x; labels y), folder of .npy, or 'digits'.",
+)
+@click.option("--val-data", help="Held-out data for validation; default: a fraction of --data is held out.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML/JSON file with any setting, per-layer rates and exclusions.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "dense", "sparse"]),
+    default="auto",
+    show_default=True,
+    help="Weight storage: auto picks sparse initializers per tensor where they are smaller.",
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT with .report.json]."
+)
+@click.option("--exclude", multiple=True, help="Weight name or glob to leave dense (repeatable).")
+@click.option(
+    "--admm-iterations", type=int, help=f"ADMM iterations per step. [default: {_defaults().admm_iterations}]"
+)
+@click.option(
+    "--epochs-per-iteration",
+    type=float,
+    help=f"Training epochs per ADMM iteration. [default: {_defaults().epochs_per_iteration}]",
+)
+@click.option(
+    "--retrain-epochs",
+    type=float,
+    help=f"Masked retraining epochs per step. [default: {_defaults().retrain_epochs}]",
+)
+@click.option("--rho", type=float, help=f"Initial ADMM penalty rho. [default: {_defaults().rho}]")
+@click.option(
+    "--rho-multiplier",
+    type=float,
+    help=f"rho grows by this each iteration. [default: {_defaults().rho_multiplier}]",
+)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help=f"[default: {_defaults().optimizer}]")
+@click.option("--lr", type=float, help=f"W-step learning rate. [default: {_defaults().lr}]")
+@click.option(
+    "--retrain-lr", type=float, help=f"Masked retraining learning rate. [default: {_defaults().retrain_lr}]"
+)
+@click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
+@click.option(
+    "--distill", type=float, help="Weight of distillation from the original when labels exist. [default: 0]"
+)
+@click.option(
+    "--progressive/--one-shot", default=None, help="Reach high rates in steps (default) or in one ADMM run."
+)
+@click.option(
+    "--step-factor",
+    type=float,
+    help=f"Largest rate ratio between progressive steps. [default: {_defaults().step_factor}]",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    help=f"Fraction held out when no --val-data. [default: {_defaults().val_fraction}]",
+)
+@click.option("--max-batches-per-epoch", type=int, help="Cap on batches per epoch (quick runs).")
+@click.option("--device", help="torch device for training: cpu, cuda. [default: cpu]")
+@click.option("--seed", type=int, help="Random seed; the same seed reproduces a run. [default: 0]")
+@data_conversion_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint path [default: OUTPUT.ckpt].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--force", is_flag=True, help="Allow OUTPUT to be the input file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output; the summary table still prints.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compress(
+    model,
+    output,
+    rate,
+    data,
+    val_data,
+    config_file,
+    fmt,
+    report,
+    exclude,
+    scale,
+    mean,
+    std,
+    layout,
+    checkpoint,
+    resume,
+    force,
+    quiet,
+    as_json,
+    progressive,
+    **knobs,
+):
+    """Prune MODEL with ADMM and write OUTPUT, validated in onnxruntime.
+
+    Example: onnxadmm compress models/digits_cnn.onnx out.onnx --rate 20x --data digits
+    """
+    from onnxadmm.compress.config import CompressConfig, load_config_file
+    from onnxadmm.compress.pipeline import compress as run
+    from onnxadmm.compress.pipeline import format_report
+
+    settings = load_config_file(config_file) if config_file else {}
+    cfg = CompressConfig().updated(**settings)
+    over = {k: v for k, v in knobs.items() if v is not None}
+    if rate is not None:
+        over["rate"] = rate
+    if progressive is not None:
+        over["progressive"] = progressive
+    if exclude:
+        over["exclude"] = list(cfg.exclude) + list(exclude)
+    rep = run(
+        model,
+        output,
+        data,
+        val_data=val_data,
+        config=cfg.updated(**over),
+        fmt=fmt,
+        report=report,
+        checkpoint=checkpoint,
+        resume=resume,
+        force=force,
+        quiet=quiet or as_json,
+        data_options=_data_options(scale, mean, std, layout),
+    )
+    _emit_json(rep) if as_json else click.echo(format_report(rep))
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--data", help="Evaluation data (.npz / folder of .npy / 'digits'); default: random inputs, latency only."
+)
+@click.option(
+    "--reference",
+    type=click.Path(dir_okay=False),
+    help="Original model: report its accuracy and the agreement.",
+)
+@click.option(
+    "--providers", default="cpu,cuda", show_default=True, help="Execution providers to time (cpu, cuda)."
+)
+@click.option("--batch-sizes", default="1,32", show_default=True, help="Batch sizes for latency.")
+@click.option(
+    "--runs", default=20, show_default=True, help="Timed runs per batch size (after 3 warm-up runs)."
+)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@data_conversion_options
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale, mean, std, layout, as_json):
+    """Accuracy, agreement with a reference, latency (p50/p90) per execution provider, file size.
+
+    Example: onnxadmm evaluate out.onnx --data digits --reference models/digits_cnn.onnx
+    """
+    from onnxadmm.data import input_specs_of, load_data
+    from onnxadmm.modelio import load_model
+    from onnxadmm.validate.evaluate import evaluate_model, format_evaluation
+
+    ds = None
+    if data:
+        ds = load_data(
+            data, input_specs_of(load_model(model)), limit=limit, **_data_options(scale, mean, std, layout)
+        )
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r}: expected e.g. 1,32", param_hint="--batch-sizes") from None
+    provs = tuple(p.strip() for p in providers.split(",") if p.strip())
+    d = evaluate_model(model, ds, reference=reference, providers=provs, batch_sizes=sizes, runs=runs)
+    _emit_json(d) if as_json else click.echo(format_evaluation(d))
 
 
 def main(argv=None):

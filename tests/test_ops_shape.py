@@ -54,7 +54,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def run_graph(model: onnx.ModelProto, inputs: list[np.ndarray], inputs_as_consts: bool) -> list[torch.Tensor]:
+def run_graph(
+    model: onnx.ModelProto, inputs: list[np.ndarray], inputs_as_consts: bool, device: str = "cpu"
+) -> list[torch.Tensor]:
     """Run ``model`` node by node through the registered factories.
 
     With ``inputs_as_consts`` every graph input is also given to the factories as an import-time
@@ -64,11 +66,11 @@ def run_graph(model: onnx.ModelProto, inputs: list[np.ndarray], inputs_as_consts
     graph = model.graph
     opset = {o.domain or "": o.version for o in model.opset_import}[""]
     ctx = GraphContext()
-    env = {vi.name: to_torch(v) for vi, v in zip(graph.input, inputs)}
+    env = {vi.name: to_torch(v).to(device) for vi, v in zip(graph.input, inputs)}
     known = {vi.name: np.asarray(v) for vi, v in zip(graph.input, inputs)} if inputs_as_consts else {}
     for t in graph.initializer:
         known[t.name] = numpy_helper.to_array(t)
-        env[t.name] = to_torch(known[t.name])
+        env[t.name] = to_torch(known[t.name]).to(device)
     for n in graph.node:
         consts = {i: known[name] for i, name in enumerate(n.input) if name in known}
         factory = lookup(n.op_type, n.domain, opset)
@@ -94,9 +96,7 @@ def _compare(name: str, got: torch.Tensor, want: np.ndarray, rtol: float, atol: 
         np.testing.assert_array_equal(g, want, err_msg=name)
 
 
-@pytest.mark.parametrize("inputs_as_consts", [False, True], ids=["runtime", "static"])
-def test_node_cases(inputs_as_consts):
-    """Every ONNX node test whose graph uses only this family's ops (one test: the collection is slow)."""
+def _run_node_cases(inputs_as_consts: bool, device: str) -> None:
     failures = []
     cases = _cases()
     assert len(cases) > 250
@@ -106,14 +106,29 @@ def test_node_cases(inputs_as_consts):
         seen_ops |= {n.op_type for n in case.model.graph.node}
         for inputs, outputs in case.data_sets:
             try:
-                got = run_graph(case.model, inputs, inputs_as_consts)
+                got = run_graph(case.model, inputs, inputs_as_consts, device)
                 assert len(got) == len(outputs)
                 for i, (g, w) in enumerate(zip(got, outputs)):
+                    if case.model.graph.node[-1].op_type != "Constant":  # the runner makes those buffers
+                        assert g.device.type == torch.device(device).type, f"output on {g.device}"
                     _compare(f"{name}[{i}]", g, w, case.rtol, case.atol)
             except Exception as exc:  # collect all, report together
                 failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
     assert not failures, f"{len(failures)} failing node cases:\n" + "\n".join(failures)
-    assert OPS - seen_ops <= {"Scatter"} | set(), f"ops without node cases: {OPS - seen_ops}"
+    assert not OPS - seen_ops, f"ops without node cases: {OPS - seen_ops}"
+
+
+@pytest.mark.parametrize("inputs_as_consts", [False, True], ids=["runtime", "static"])
+def test_node_cases(inputs_as_consts):
+    """Every ONNX node test whose graph uses only this family's ops (one test: the collection is slow)."""
+    _run_node_cases(inputs_as_consts, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("inputs_as_consts", [False, True], ids=["runtime", "static"])
+def test_node_cases_cuda(inputs_as_consts):
+    _run_node_cases(inputs_as_consts, "cuda")
 
 
 # ---- fixed batch ---------------------------------------------------------------------------
@@ -146,7 +161,10 @@ def test_reshape_fixed_batch_follows_current_batch():
 def _factory_call(op, opset, attrs, inputs, consts=None, graph=None, n_out=1):
     _load_ops()
     node = helper.make_node(
-        op, [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)], [f"o{k}" for k in range(n_out)], **attrs
+        op,
+        [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)],
+        [f"o{k}" for k in range(n_out)],
+        **attrs,
     )
     ctx = NodeContext(node=node, opset=opset, graph=graph or GraphContext(), consts=consts or {})
     return lookup(op, "", opset)(ctx)(*inputs)
@@ -206,7 +224,18 @@ X3 = rng.standard_normal((3, 4, 5)).astype(np.float32)
 
 ORT_CASES = [
     ("Slice", 9, {"starts": [0, 1], "ends": [2, 100], "axes": [0, 2]}, {"x": X3}),
-    ("Slice", 13, {}, {"x": X3, "s": np.array([-1, 4]), "e": np.array([-100, 0]), "a": np.array([1, 2]), "t": np.array([-1, -2])}),
+    (
+        "Slice",
+        13,
+        {},
+        {
+            "x": X3,
+            "s": np.array([-1, 4]),
+            "e": np.array([-100, 0]),
+            "a": np.array([1, 2]),
+            "t": np.array([-1, -2]),
+        },
+    ),
     ("Pad", 2, {"pads": [0, 0, 1, 2, 0, 0, 2, 1], "mode": "reflect"}, {"x": X4}),
     ("Pad", 2, {"pads": [0, 1, 1, 2, 0, 0, 2, 1], "mode": "edge"}, {"x": X4}),
     ("Pad", 2, {"pads": [1, 0, -1, 0, 0, 2, 1, -2], "value": 1.5}, {"x": X4}),
@@ -238,18 +267,43 @@ ORT_CASES = [
     ("TopK", 11, {"largest": 0, "axis": 0}, {"x": X3, "k": np.array([2])}, 2),
     ("Gather", 13, {"axis": -2}, {"x": X4, "i": np.array([[0, -1], [2, 1]])}),
     ("Gather", 13, {"axis": 1}, {"x": X4, "i": np.array(-1)}),
-    ("GatherND", 13, {"batch_dims": 1}, {"x": X3, "i": np.array([[[1, 2], [3, 4]], [[0, 0], [1, 1]], [[-1, 2], [2, 2]]])}),
-    ("ScatterND", 16, {"reduction": "add"}, {"x": X3, "i": np.array([[0, 1], [0, 1], [2, 3]]), "u": X3[:3, 0] * 0 + 1}),
-    ("ScatterElements", 16, {"axis": 1, "reduction": "add"}, {"x": X3, "i": np.array([[[1], [0]]] * 3), "u": X3[:, :2, :1]}),
+    (
+        "GatherND",
+        13,
+        {"batch_dims": 1},
+        {"x": X3, "i": np.array([[[1, 2], [3, 4]], [[0, 0], [1, 1]], [[-1, 2], [2, 2]]])},
+    ),
+    (
+        "ScatterND",
+        16,
+        {"reduction": "add"},
+        {"x": X3, "i": np.array([[0, 1], [0, 1], [2, 3]]), "u": X3[:3, 0] * 0 + 1},
+    ),
+    (
+        "ScatterElements",
+        16,
+        {"axis": 1, "reduction": "add"},
+        {"x": X3, "i": np.array([[[1], [0]]] * 3), "u": X3[:, :2, :1]},
+    ),
     ("Tile", 13, {}, {"x": X3, "r": np.array([2, 1, 3])}),
     ("Expand", 13, {}, {"x": X3[:, :1], "s": np.array([2, 1, 4, 1])}),
-    ("DepthToSpace", 11, {"blocksize": 2, "mode": "CRD"}, {"x": rng.standard_normal((2, 8, 3, 2)).astype(np.float32)}),
+    (
+        "DepthToSpace",
+        11,
+        {"blocksize": 2, "mode": "CRD"},
+        {"x": rng.standard_normal((2, 8, 3, 2)).astype(np.float32)},
+    ),
     ("SpaceToDepth", 13, {"blocksize": 2}, {"x": X4[:, :, :, :4]}),
     ("Flatten", 13, {"axis": 0}, {"x": X3}),
     ("Shape", 15, {"start": -2}, {"x": X3}),
     ("Transpose", 13, {"perm": [2, 0, 1]}, {"x": X3}),
     ("CumSum", 14, {"exclusive": 1, "reverse": 1}, {"x": X3, "a": np.array(-2)}),
-    ("Range", 11, {}, {"s": np.array(1.5, np.float32), "l": np.array(-3.0, np.float32), "d": np.array(-0.7, np.float32)}),
+    (
+        "Range",
+        11,
+        {},
+        {"s": np.array(1.5, np.float32), "l": np.array(-3.0, np.float32), "d": np.array(-0.7, np.float32)},
+    ),
     ("Concat", 13, {"axis": -1}, {"a": X3, "b": X3[:, :, :2]}),
 ]
 
@@ -299,3 +353,24 @@ def test_gradients(op, opset, attrs, extra):
         return out[0] if isinstance(out, tuple) else out
 
     assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_constant_attribute_kinds():
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "v"),
+        numpy_helper.from_array(np.array([1, 5], np.int64), "i"),
+        [2, 3],
+    )
+    cases = [
+        ({"value_float": 2.5}, np.array(2.5, np.float32)),
+        ({"value_floats": [1.0, 2.0]}, np.array([1.0, 2.0], np.float32)),
+        ({"value_int": 3}, np.array(3, np.int64)),
+        ({"value_ints": [3, -1]}, np.array([3, -1], np.int64)),
+        ({"sparse_value": sparse}, np.array([[0, 1, 0], [0, 0, 2]], np.float32)),
+        ({"value": numpy_helper.from_array(np.eye(2, dtype=np.float16))}, np.eye(2, dtype=np.float16)),
+    ]
+    for attrs, want in cases:
+        _compare(str(attrs)[:20], _factory_call("Constant", 13, attrs, []), want, 0, 0)
+    # float16 models compute in float32
+    got = _factory_call("Constant", 13, cases[-1][0], [], graph=GraphContext(compute_float16_as_float32=True))
+    assert got.dtype == torch.float32

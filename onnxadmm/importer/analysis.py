@@ -69,6 +69,17 @@ def opset_versions(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    """Dense array of a COO sparse tensor (indices linear [NNZ] or per-dimension [NNZ, rank])."""
+    values = onnx.numpy_helper.to_array(sp.values)
+    idx = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sp.dims)) if sp.dims else 1, dtype=values.dtype)
+    if idx.ndim == 2:
+        idx = np.ravel_multi_index(tuple(idx.T), tuple(sp.dims))
+    dense[idx] = values.reshape(-1)
+    return dense.reshape(tuple(sp.dims))
+
+
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
@@ -82,9 +93,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
         if a.name == "value_ints":
             return np.array(list(a.ints), dtype=np.int64)
         if a.name == "sparse_value":
-            from onnx.reference.op_run import to_array_extended
-
-            return to_array_extended(a.sparse_tensor)
+            return sparse_to_dense(a.sparse_tensor)
     raise UnsupportedModelError(f"Constant node {node.name!r} has no supported value attribute")
 
 
@@ -115,11 +124,9 @@ def constant_types(graph: onnx.GraphProto) -> dict[str, tuple[int, tuple[int, ..
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Initializers (dense and sparse) and Constant-node outputs, decoded."""
-    from onnx.reference.op_run import to_array_extended
-
     out = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     for s in graph.sparse_initializer:
-        out[s.values.name] = to_array_extended(s)
+        out[s.values.name] = sparse_to_dense(s)
     for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
             out[n.output[0]] = constant_node_value(n)

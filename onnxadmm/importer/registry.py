@@ -183,9 +183,9 @@ def attribute_value(a: onnx.AttributeProto) -> Any:
     if t == A.TENSORS:
         return [onnx.numpy_helper.to_array(x) for x in a.tensors]
     if t == A.SPARSE_TENSOR:
-        from onnx.reference.op_run import to_array_extended
+        from .analysis import sparse_to_dense
 
-        return to_array_extended(a.sparse_tensor)
+        return sparse_to_dense(a.sparse_tensor)
     if t == A.GRAPH:
         return a.g
     if t == A.GRAPHS:

@@ -141,17 +141,16 @@ for _op in _SOFTMAX:
 # ---- Dropout ------------------------------------------------------------------------------------
 @register("Dropout", since=7)
 def dropout_v7(node: NodeContext):
-    """Inference: identity. The mask (optional) is all ones; its type is T before opset 10, then bool."""
+    """Inference: identity.
+
+    The optional mask follows onnxruntime, which fills it with zeros/False before opset 12 (of
+    type T before opset 10, bool after); the onnx reference implementation returns ones there.
+    """
     want_mask = len(node.outputs) > 1 and bool(node.outputs[1])
-    mask_bool = node.opset >= 10
+    mask_dtype = torch.bool if node.opset >= 10 else None
     if not want_mask:
         return lambda x: x
-
-    def run(x):
-        m = torch.ones_like(x, dtype=torch.bool) if mask_bool else torch.ones_like(x)
-        return x, m
-
-    return run
+    return lambda x: (x, torch.zeros_like(x, dtype=mask_dtype))
 
 
 @register("Dropout", since=12)

@@ -263,8 +263,8 @@ _simple("Identity", lambda x: x)
 def _clamp(x, lo, hi):
     if x.dtype in _WIDE_UINT:
         dt = x.dtype
-        lo = None if lo is None else _lift(torch.as_tensor(lo, dtype=dt), True)
-        hi = None if hi is None else _lift(torch.as_tensor(hi, dtype=dt), True)
+        lo = None if lo is None else _lift(torch.as_tensor(lo, dtype=dt, device=x.device), True)
+        hi = None if hi is None else _lift(torch.as_tensor(hi, dtype=dt, device=x.device), True)
         return _drop(torch.clamp(_lift(x, True), lo, hi), dt, True)
     r = torch.clamp(x, lo, hi)
     return r if r.dtype == x.dtype else r.to(x.dtype)

@@ -423,7 +423,8 @@ def scatter_nd(node: NodeContext):
         elif reduction == "add":
             out = data.index_add(0, lin, upd)
         else:
-            out = data.index_reduce(0, lin, upd, _SCATTER_REDUCE[reduction], include_self=True)
+            idx = lin.reshape((-1,) + (1,) * len(rest)).expand(upd.shape)
+            out = data.scatter_reduce(0, idx, upd, _SCATTER_REDUCE[reduction], include_self=True)
         return out.reshape(x.shape)
 
     return fn

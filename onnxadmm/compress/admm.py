@@ -1,0 +1,226 @@
+"""The ADMM engine: W-step (training with the proximal penalty), Z-step (projection), U-step,
+hard pruning and masked retraining, over progressive steps, with checkpoints after every unit."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data import Dataset
+from .config import CompressConfig
+from .objective import Head, label_indices, loss_fn, predictions
+from .pruning import project, topk_mask
+
+
+@dataclass
+class Unit:
+    kind: str  # admm | retrain
+    step: int
+    index: int
+
+
+def plan(cfg: CompressConfig, n_steps: int) -> list[Unit]:
+    units = []
+    for s in range(n_steps):
+        units += [Unit("admm", s, k) for k in range(cfg.admm_iterations)]
+        units += [Unit("retrain", s, e) for e in range(max(1, math.ceil(cfg.retrain_epochs)))]
+    return units
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds besides the module's parameters."""
+
+    unit: int = -1  # last completed unit
+    rho: float = 0.0
+    Z: dict = field(default_factory=dict)
+    U: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # onnx name -> bool tensor (pruned weights stay pruned)
+    history: list = field(default_factory=list)
+    optimizer: dict | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        module,
+        heads: list[Head],
+        train: Dataset,
+        val: Dataset,
+        teacher: list[torch.Tensor] | None,
+        cfg: CompressConfig,
+        keep: list[dict[str, int]],
+        log: Callable[[str], None],
+        quiet: bool = False,
+    ):
+        self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
+        self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
+        self.device = torch.device(cfg.device)
+        self.names = list(keep[0])
+        self.params = {n: module.parameter_for(n) for n in self.names}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.state = State()
+
+    # ---- data ------------------------------------------------------------------------------
+    def _tensors(self, ds: Dataset, idx):
+        xs = [torch.from_numpy(ds.inputs[n][idx]).to(self.device) for n in self.m.input_names]
+        y = None if ds.labels is None else torch.from_numpy(np.asarray(ds.labels[idx])).to(self.device)
+        return xs, y
+
+    def batches(self, epochs: float):
+        n = len(self.train)
+        bs = self.cfg.batch_size
+        per_epoch = math.ceil(n / bs)
+        if self.cfg.max_batches_per_epoch:
+            per_epoch = min(per_epoch, self.cfg.max_batches_per_epoch)
+        total = max(1, int(round(per_epoch * epochs)))
+        done = 0
+        while done < total:
+            perm = self.rng.permutation(n)
+            for i in range(0, n, bs):
+                if done >= total:
+                    return
+                idx = np.sort(perm[i : i + bs])
+                xs, y = self._tensors(self.train, idx)
+                t = None if self.teacher is None else [t[idx].to(self.device) for t in self.teacher]
+                yield xs, y, t, total
+                done += 1
+
+    def evaluate(self) -> dict:
+        """Torch-side top-1 accuracy on the held-out set (None without labels)."""
+        if self.val.labels is None or self.heads[0].kind == "regression":
+            return {"val_accuracy": None}
+        self.m.eval()
+        correct, count = 0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.val), 512):
+                idx = np.arange(i, min(i + 512, len(self.val)))
+                xs, y = self._tensors(self.val, idx)
+                outs = self._outs(xs)
+                correct += int((predictions(self.heads[0], outs[0]) == label_indices(y)).sum())
+                count += len(idx)
+        self.m.train()
+        return {"val_accuracy": correct / max(count, 1)}
+
+    def _outs(self, xs):
+        out = self.m(*xs)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    # ---- phases ----------------------------------------------------------------------------
+    def make_optimizer(self, lr: float):
+        ps = [p for p in self.m.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(ps, lr=lr, momentum=self.cfg.momentum)
+        return torch.optim.Adam(ps, lr=lr)
+
+    def apply_masks(self):
+        with torch.no_grad():
+            for n, mask in self.state.masks.items():
+                self.params[n].mul_(mask)
+
+    def penalty(self) -> torch.Tensor:
+        st = self.state
+        total = 0.0
+        for n in self.names:
+            total = total + (self.params[n] - st.Z[n] + st.U[n]).pow(2).sum()
+        return 0.5 * st.rho * total
+
+    def z_step(self, step: int):
+        st = self.state
+        with torch.no_grad():
+            for n in self.names:
+                w = self.params[n]
+                st.Z[n] = project(w + st.U[n], self.keep[step][n], st.masks.get(n))
+                st.U[n] = st.U[n] + w - st.Z[n]
+
+    def residual(self) -> float:
+        """Relative primal residual sum ||W - Z|| / sum ||W|| over compressible layers."""
+        with torch.no_grad():
+            num = sum(float((self.params[n] - self.state.Z[n]).norm()) for n in self.names)
+            den = sum(float(self.params[n].norm()) for n in self.names) or 1.0
+        return num / den
+
+    def start_admm(self, step: int):
+        st = self.state
+        st.rho = self.cfg.rho
+        with torch.no_grad():
+            for n in self.names:
+                st.Z[n] = project(self.params[n].detach().clone(), self.keep[step][n], st.masks.get(n))
+                st.U[n] = torch.zeros_like(st.Z[n])
+
+    def hard_prune(self, step: int):
+        with torch.no_grad():
+            for n in self.names:
+                self.state.masks[n] = topk_mask(self.params[n], self.keep[step][n], self.state.masks.get(n))
+        self.apply_masks()
+        self.state.Z, self.state.U = {}, {}
+
+    def train_epoch(self, unit: Unit, optimizer, desc: str) -> dict:
+        from tqdm import tqdm
+
+        admm = unit.kind == "admm"
+        epochs = self.cfg.epochs_per_iteration if admm else min(1.0, self.cfg.retrain_epochs - unit.index)
+        bar = None
+        run_loss, seen = 0.0, 0
+        self.m.train()
+        for xs, y, t, total in self.batches(epochs):
+            if bar is None:
+                bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+            optimizer.zero_grad(set_to_none=True)
+            outs = self._outs(xs)
+            loss = loss_fn(self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature)
+            total_loss = loss + self.penalty() if admm else loss
+            total_loss.backward()
+            optimizer.step()
+            if self.state.masks:
+                self.apply_masks()
+            run_loss += float(loss) * len(xs[0])
+            seen += len(xs[0])
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == total:
+                post = {"loss": f"{run_loss / seen:.4f}"}
+                if admm:
+                    post["rho"] = f"{self.state.rho:.2g}"
+                bar.set_postfix(post)
+        if bar is not None:
+            bar.close()
+        out = {"loss": run_loss / max(seen, 1)}
+        if admm:
+            self.z_step(unit.step)
+            out["residual"] = self.residual()
+            out["rho"] = self.state.rho
+            self.state.rho = min(self.state.rho * self.cfg.rho_multiplier, self.cfg.rho_max)
+        out.update(self.evaluate())
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, path, optimizer, meta: dict):
+        st = self.state
+        blob = {
+            "meta": meta,
+            "unit": st.unit,
+            "rho": st.rho,
+            "Z": st.Z,
+            "U": st.U,
+            "masks": st.masks,
+            "history": st.history,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "module": self.m.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+        tmp = f"{path}.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+
+    def load(self, blob: dict):
+        self.m.load_state_dict(blob["module"])
+        st = self.state
+        st.unit, st.rho = blob["unit"], blob["rho"]
+        st.Z, st.U, st.masks, st.history = blob["Z"], blob["U"], blob["masks"], blob["history"]
+        st.optimizer = blob["optimizer"]
+        self.rng.bit_generator.state = blob["rng"]

@@ -1,0 +1,357 @@
+"""``compress()``: import, ADMM-prune progressively, write back, validate in onnxruntime, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..data import Dataset, input_specs_of, load_data
+from ..errors import ConfigError, DataError, NothingToCompressError, OnnxAdmmError
+from ..export.writer import export_onnx
+from ..importer.graph import OnnxGraphModule
+from ..modelio import load_model
+from .admm import Engine, plan
+from .config import CompressConfig
+from .objective import training_heads
+from .pruning import allocate, matches, progressive_rates
+
+FORMATS = ("auto", "dense", "sparse")
+
+
+def _gather(data, specs, data_options) -> Dataset:
+    """A Dataset from a Dataset, dict of arrays, path/name, or any iterable of batches."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike, dict)):
+        return load_data(data, specs, **(data_options or {}))
+    # iterable of batches: (inputs, labels) or inputs; inputs an array, a tuple/list, or a dict
+    cols: dict[str, list] = {s.name: [] for s in specs}
+    labels: list = []
+    for batch in data:
+        x, y = batch if isinstance(batch, tuple) and len(batch) == 2 else (batch, None)
+        if isinstance(x, dict):
+            items = x
+        elif isinstance(x, (list, tuple)):
+            items = dict(zip([s.name for s in specs], x))
+        else:
+            items = {specs[0].name: x}
+        for k, v in items.items():
+            cols.setdefault(k, []).append(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v))
+        if y is not None:
+            labels.append(np.asarray(y.detach().cpu() if torch.is_tensor(y) else y))
+    if not any(cols.values()):
+        raise DataError("the data iterable yielded no batches")
+    arrays = {k: np.concatenate(v) for k, v in cols.items() if v}
+    if labels:
+        arrays["y"] = np.concatenate(labels)
+    return load_data(arrays, specs, **(data_options or {}))
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pick_format(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> set[str]:
+    """Tensors to store as sparse initializers. auto: each tensor where COO (values + int64
+    indices) is smaller than dense; only initializers can be sparse (Constant-node weights stay dense)."""
+    if fmt == "dense":
+        return set()
+    inits = {t.name for t in original.graph.initializer}
+    out = set()
+    for name, w in weights.items():
+        if name not in inits:
+            continue
+        nnz = int(np.count_nonzero(w))
+        itemsize = 2 if w.dtype == np.float16 else 4
+        if fmt == "sparse" or nnz * (itemsize + 8) < w.size * itemsize:
+            out.add(name)
+    return out
+
+
+def compress(
+    model,
+    output,
+    data,
+    *,
+    val_data=None,
+    config: CompressConfig | None = None,
+    fmt: str = "auto",
+    report: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    data_options: dict | None = None,
+    log=None,
+    **overrides,
+) -> dict:
+    """Prune ``model`` with ADMM to ``config.rate`` and write ``output``; returns the report dict.
+
+    ``data``/``val_data``: a path (.npz or folder of .npy), ``"digits"``, a dict of arrays, a
+    :class:`Dataset` or any iterable of ``(inputs, labels)`` batches. Keyword ``overrides`` set
+    config fields (``rate=50``, ``lr=1e-3``, ...).
+    """
+    t0 = time.perf_counter()
+    log = log or (lambda s: None if quiet else print(s, flush=True))
+    cfg = (config or CompressConfig()).updated(**overrides).validate()
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    in_path = Path(model)
+    out_path = Path(output)
+    proto = load_model(in_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve() and not force:
+        raise ConfigError(f"output {out_path} is the input model; refusing to overwrite it (use --force)")
+    if out_path.is_dir():
+        raise ConfigError(f"output {out_path} is a folder")
+    report_path = Path(report) if report else out_path.with_name(out_path.stem + ".report.json")
+    ckpt_path = Path(checkpoint) if checkpoint else out_path.with_name(out_path.name + ".ckpt")
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    weights = module.compressible_weights()
+    if not weights:
+        raise NothingToCompressError(
+            f"nothing to compress in {in_path}: no float weights feed Conv/Gemm/MatMul"
+        )
+    sizes = {w.name: w.params for w in weights}
+    unknown = [n for n in cfg.layer_rates if n not in sizes]
+    unmatched = [p for p in cfg.exclude if not any(matches(n, [p]) for n in sizes)]
+    if unknown or unmatched:
+        raise ConfigError(
+            f"unknown layer(s) {', '.join(unknown + unmatched)}; compressible weights: {', '.join(sizes)}"
+        )
+
+    specs = input_specs_of(proto)
+    specs = [s for s in specs if s.name in module.input_names]
+    ds = _gather(data, specs, data_options)
+    if val_data is not None:
+        train, val = ds, _gather(val_data, specs, data_options)
+        val_note = "given"
+    else:
+        train, val = ds.split(cfg.val_fraction, cfg.seed)
+        val_note = f"{cfg.val_fraction:.0%} held out of the training data (seed {cfg.seed})"
+    if train.labels is None:
+        log("no labels: training by distillation from the original model")
+
+    device = torch.device(cfg.device)
+    module.to(device)
+    teacher = None
+    if train.labels is None or cfg.distill > 0:
+        teacher = _teacher_outputs(module, train, device)
+
+    rates = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
+    keep = [
+        allocate(
+            sizes,
+            r,
+            {k: v for k, v in cfg.layer_rates.items()}
+            if r == cfg.rate
+            else {k: min(v, r) for k, v in cfg.layer_rates.items()},
+            cfg.exclude,
+        )
+        for r in rates
+    ]
+    units = plan(cfg, len(rates))
+    engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet)
+    meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
+
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        blob = torch.load(ckpt_path, weights_only=False)
+        if blob["meta"]["model_sha256"] != meta["model_sha256"]:
+            raise ConfigError(f"--resume: checkpoint {ckpt_path} was made from another model")
+        if blob["meta"]["config"] != meta["config"]:
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt_path} was made with other settings; rerun with the same ones"
+            )
+        engine.load(blob)
+        log(f"resuming after unit {engine.state.unit + 1}/{len(units)} from {ckpt_path}")
+
+    log(
+        f"pruning {sum(sizes.values()):,} weights in {len(sizes)} layers to {cfg.rate:.4g}x"
+        + (f" in {len(rates)} steps ({', '.join(f'{r:.3g}x' for r in rates)})" if len(rates) > 1 else "")
+    )
+    optimizer = None
+    try:
+        for i, unit in enumerate(units):
+            if i <= engine.state.unit:
+                continue
+            first_of_phase = i == 0 or units[i - 1].kind != unit.kind or units[i - 1].step != unit.step
+            if unit.kind == "admm" and first_of_phase:
+                engine.start_admm(unit.step)
+            if unit.kind == "retrain" and first_of_phase:
+                engine.hard_prune(unit.step)
+            if optimizer is None or first_of_phase:
+                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr
+                optimizer = engine.make_optimizer(lr)
+                if engine.state.optimizer is not None and not first_of_phase:
+                    optimizer.load_state_dict(engine.state.optimizer)
+                engine.state.optimizer = None
+            label = f"step {unit.step + 1}/{len(rates)} {rates[unit.step]:.3g}x " + (
+                f"admm {unit.index + 1}/{cfg.admm_iterations}"
+                if unit.kind == "admm"
+                else f"retrain {unit.index + 1}"
+            )
+            stats = engine.train_epoch(unit, optimizer, label)
+            stats.update({"unit": i, "kind": unit.kind, "step": unit.step, "rate": rates[unit.step]})
+            engine.state.history.append(stats)
+            engine.state.unit = i
+            engine.save(ckpt_path, optimizer, meta)
+            log(_format_stats(label, stats))
+    except KeyboardInterrupt:
+        log(
+            f"interrupted: checkpoint after unit {engine.state.unit + 1}/{len(units)} kept at {ckpt_path}; "
+            "rerun the same command with --resume to continue"
+        )
+        raise
+
+    # final weights: exact masks (the last phase is always masked retraining)
+    engine.apply_masks()
+    state = module.onnx_state()
+    sparse = _pick_format(fmt, {n: state[n] for n in sizes}, proto)
+    export_onnx(proto, state, out_path, sparse=sparse, force=force)
+    train_seconds = time.perf_counter() - t0
+
+    from ..validate.evaluate import evaluate_model
+
+    ev = evaluate_model(
+        out_path, val, reference=in_path, providers=("cpu",), batch_sizes=(1,), warmup=2, runs=10
+    )
+    layers = []
+    for w in weights:
+        nz = int(np.count_nonzero(state[w.name]))
+        layers.append(
+            {
+                "name": w.name,
+                "op": w.op_type,
+                "shape": list(w.shape),
+                "params": w.params,
+                "nonzero": nz,
+                "rate": w.params / max(nz, 1),
+            }
+        )
+    total = sum(x["params"] for x in layers)
+    nonzero = sum(x["nonzero"] for x in layers)
+    others = [w for w in module.weights if not w.compressible]
+    rep = {
+        "model": str(in_path),
+        "output": str(out_path),
+        "pruning_rate": total / max(nonzero, 1),
+        "target_rate": cfg.rate,
+        "weights": {"total": total, "nonzero": nonzero},
+        "layers": layers,
+        "not_compressed": {"params": sum(w.params for w in others), "tensors": len(others)},
+        "accuracy": {
+            "original": (ev.get("reference") or {}).get("accuracy"),
+            "compressed": ev.get("accuracy"),
+        }
+        if val.labels is not None
+        else None,
+        "agreement": ev.get("agreement"),
+        "max_abs_diff": ev.get("max_abs_diff"),
+        "file_bytes": {
+            "original": (ev.get("reference") or {}).get("file_bytes", in_path.stat().st_size),
+            "compressed": ev.get("file_bytes"),
+        },
+        "format": {"sparse_tensors": sorted(sparse), "requested": fmt},
+        "latency": ev.get("latency"),
+        "validation": {"samples": len(val), "source": val_note},
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": train_seconds,
+        "steps": rates,
+        "history": engine.state.history,
+        "config": cfg.to_dict(),
+    }
+    tmp = report_path.with_name(report_path.name + ".tmp")
+    tmp.write_text(json.dumps(rep, indent=2, default=_json_default))
+    os.replace(tmp, report_path)
+    rep["report_path"] = str(report_path)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return rep
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def _format_stats(label: str, s: dict) -> str:
+    parts = [label, f"loss {s['loss']:.4f}"]
+    if s.get("val_accuracy") is not None:
+        parts.append(f"val acc {s['val_accuracy']:.4f}")
+    if "rho" in s:
+        parts.append(f"rho {s['rho']:.3g}")
+    if "residual" in s:
+        parts.append(f"residual {s['residual']:.4f}")
+    return "  ".join(parts)
+
+
+def _teacher_outputs(module: OnnxGraphModule, ds: Dataset, device) -> list[torch.Tensor]:
+    """The original model's training outputs on every training sample (computed once)."""
+    module.eval()
+    chunks: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i in range(0, len(ds), 256):
+            xs = [torch.from_numpy(ds.inputs[n][i : i + 256]).to(device) for n in module.input_names]
+            out = module(*xs)
+            chunks.append([o.detach().cpu() for o in (out if isinstance(out, tuple) else (out,))])
+    module.train()
+    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+
+
+def format_report(rep: dict) -> str:
+    lines = []
+    w = max([len(x["name"]) for x in rep["layers"]] + [5])
+    w = min(w, 48)
+    lines.append(f"{'layer':<{w}}  {'shape':<20} {'params':>10} {'nonzero':>9} {'rate':>9}")
+    for x in rep["layers"]:
+        lines.append(
+            f"{x['name'][:w]:<{w}}  {str(x['shape']):<20} {x['params']:>10,} {x['nonzero']:>9,} {x['rate']:>8.1f}x"
+        )
+    lines.append(
+        f"{'total':<{w}}  {'':<20} {rep['weights']['total']:>10,} {rep['weights']['nonzero']:>9,} "
+        f"{rep['pruning_rate']:>8.1f}x"
+    )
+    lines.append("")
+    acc = rep.get("accuracy")
+    if acc:
+        lines.append(
+            f"accuracy (onnxruntime, {rep['validation']['samples']} held-out samples): "
+            f"original {acc['original']:.4f}  compressed {acc['compressed']:.4f}"
+        )
+    if rep.get("agreement") is not None:
+        lines.append(
+            f"top-1 agreement with the original: {rep['agreement']:.4f}   max |output diff| {rep['max_abs_diff']:.4g}"
+        )
+    fb = rep["file_bytes"]
+    lines.append(
+        f"file size: {fb['original']:,} -> {fb['compressed']:,} bytes ({fb['original'] / max(fb['compressed'], 1):.2f}x)"
+        + (
+            f", {len(rep['format']['sparse_tensors'])} sparse tensors"
+            if rep["format"]["sparse_tensors"]
+            else ""
+        )
+    )
+    lines.append(f"time: {rep['seconds']:.1f} s   report: {rep.get('report_path', '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["compress", "format_report", "CompressConfig", "OnnxAdmmError"]

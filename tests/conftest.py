@@ -1,0 +1,73 @@
+"""Shared fixtures: the real models and data in ``shared/`` beside the checkout.
+
+``shared/`` is located at ``<checkout>/../shared`` (override with the env variable
+``ONNXADMM_SHARED``). Tests that need it skip, with the reason, when it is absent.
+
+Fixtures:
+- ``shared_dir``: the ``shared/`` folder.
+- ``models_dir``: ``shared/models``.
+- ``manifest``: the parsed ``shared/models/manifest.json`` (a list of dicts).
+- ``mnist``: path of the MNIST test data ``shared/data/mnist.npz``.
+- ``shared_model``: parametrizes a test over every model of the manifest; the value is the
+  manifest entry with an added ``"path"`` (a ``Path``). Ids are the model files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def shared_root() -> Path:
+    env = os.environ.get("ONNXADMM_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+def manifest_entries() -> list[dict]:
+    """The manifest with a ``path`` added to each entry, or [] when shared/models is absent."""
+    models = shared_root() / "models"
+    try:
+        entries = json.loads((models / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [dict(e, path=models / e["file"]) for e in entries]
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set ONNXADMM_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(shared_root(), "shared folder")
+
+
+@pytest.fixture(scope="session")
+def models_dir(shared_dir) -> Path:
+    return _need(shared_dir / "models", "shared models folder")
+
+
+@pytest.fixture(scope="session")
+def manifest(models_dir) -> list[dict]:
+    _need(models_dir / "manifest.json", "models manifest")
+    return manifest_entries()
+
+
+@pytest.fixture(scope="session")
+def mnist(shared_dir) -> Path:
+    return _need(shared_dir / "data" / "mnist.npz", "MNIST test data")
+
+
+def pytest_generate_tests(metafunc):
+    if "shared_model" in metafunc.fixturenames:
+        entries = manifest_entries()
+        if entries:
+            metafunc.parametrize("shared_model", entries, ids=[e["file"] for e in entries])
+        else:
+            reason = f"shared models not found at {shared_root() / 'models'} (set ONNXADMM_SHARED)"
+            metafunc.parametrize("shared_model", [pytest.param(None, marks=pytest.mark.skip(reason=reason))])

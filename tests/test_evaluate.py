@@ -1,0 +1,251 @@
+"""evaluate: accuracy, agreement, output diffs, fixed-batch chunking, latency, file sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxadmm.data import Dataset, input_specs_of, load_data
+from onnxadmm.errors import ConfigError, DataError, OnnxAdmmError
+from onnxadmm.modelio import load_model, save_model
+from onnxadmm.validate import evaluate as ev
+from onnxadmm.validate.evaluate import evaluate_model, format_evaluation
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+FAST = {"warmup": 1, "runs": 5}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_data("digits", input_specs_of(load_model(MODEL)))
+
+
+@pytest.fixture(scope="module")
+def held_out(digits) -> Dataset:
+    return digits.split(0.2, seed=0)[1]
+
+
+def _with_initializer(model: onnx.ModelProto, name: str, fn) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(t)), name))
+            return m
+    raise AssertionError(f"no initializer {name}")
+
+
+def _fixed_batch_copy(path: Path, b0: int) -> Path:
+    m = _with_initializer(onnx.load(MODEL), "flat_shape", lambda a: np.array([b0, 512], dtype=np.int64))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        d = vi.type.tensor_type.shape.dim[0]
+        d.Clear()
+        d.dim_value = b0
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+def _direct_accuracy(ds: Dataset) -> float:
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(None, dict(ds.inputs))
+    return float(np.mean(np.argmax(logits, axis=1) == ds.labels))
+
+
+def test_accuracy_matches_direct_onnxruntime(held_out):
+    d = evaluate_model(MODEL, held_out, **FAST)
+    assert d["samples"] == len(held_out)
+    assert d["accuracy"] == pytest.approx(_direct_accuracy(held_out))
+    assert d["accuracy"] > 0.95
+    assert d["reference"] is None and d["agreement"] is None and d["max_abs_diff"] is None
+    assert d["file_bytes"] == MODEL.stat().st_size
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_one_hot_labels_give_same_accuracy(held_out):
+    one_hot = np.eye(10, dtype=np.float32)[held_out.labels]
+    d1 = evaluate_model(MODEL, held_out, providers=())
+    d2 = evaluate_model(MODEL, Dataset(held_out.inputs, one_hot), providers=())
+    assert d1["accuracy"] == d2["accuracy"]
+    assert d1["latency"] == {}
+
+
+def test_no_labels_no_accuracy(held_out):
+    d = evaluate_model(MODEL, Dataset(held_out.inputs), providers=())
+    assert d["accuracy"] is None
+    assert any("no labels" in n for n in d["notes"])
+
+
+def test_self_agreement_is_exact(held_out):
+    d = evaluate_model(MODEL, held_out, reference=MODEL, **FAST)
+    assert d["agreement"] == 1.0
+    assert d["max_abs_diff"] == 0.0 and d["max_rel_diff"] == 0.0
+    assert d["reference"]["accuracy"] == d["accuracy"]
+    assert d["reference"]["file_bytes"] == d["file_bytes"]
+    assert d["reference"]["max_abs"] > 0
+    text = format_evaluation(d)
+    assert "agreement" in text and "accuracy" in text
+
+
+def test_perturbed_copy_differs(tmp_path, held_out):
+    m = _with_initializer(onnx.load(MODEL), "conv2.weight", lambda a: a * np.float32(0.5))
+    path = tmp_path / "perturbed.onnx"
+    onnx.save(m, str(path))
+    d = evaluate_model(path, held_out, reference=MODEL, providers=())
+    assert d["agreement"] < 1.0 or d["max_abs_diff"] > 0
+    assert d["max_abs_diff"] > 0
+    assert 0 < d["max_rel_diff"] == pytest.approx(d["max_abs_diff"] / d["reference"]["max_abs"])
+    assert 0.0 <= d["agreement"] <= 1.0
+
+
+def test_reference_without_dataset_uses_random_inputs():
+    d = evaluate_model(MODEL, None, reference=MODEL, batch_sizes=(4,), **FAST)
+    assert d["agreement"] == 1.0 and d["max_abs_diff"] == 0.0
+    assert d["accuracy"] is None and d["samples"] == 0
+    assert any("random inputs" in n for n in d["notes"])
+    assert list(d["latency"]["cpu"]) == ["4"]
+
+
+def test_latency_numbers(held_out):
+    d = evaluate_model(MODEL, held_out, batch_sizes=(1, 8, 2000), **FAST)  # 2000 > samples: repeated
+    cpu = d["latency"]["cpu"]
+    assert list(cpu) == ["1", "8", "2000"]
+    for stats in cpu.values():
+        assert stats["p50_ms"] > 0 and stats["samples_per_s"] > 0
+        assert stats["p90_ms"] >= stats["p50_ms"]
+    assert "latency" in format_evaluation(d)
+
+
+def test_latency_without_dataset():
+    d = evaluate_model(MODEL, None, batch_sizes=(3,), **FAST)
+    assert d["latency"]["cpu"]["3"]["p50_ms"] > 0
+    assert d["accuracy"] is None
+
+
+def test_cuda_reported_skipped_without_gpu(held_out):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    d = evaluate_model(MODEL, held_out, providers=("cpu", "cuda"), batch_sizes=(1,), **FAST)
+    assert "not available" in d["latency"]["cuda"]["skipped"]
+    assert "1" in d["latency"]["cpu"]
+    assert "cuda" in format_evaluation(d) and "skipped" in format_evaluation(d)
+
+
+def test_cuda_silent_cpu_fallback_is_skipped(monkeypatch, held_out):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    # pretend the build lists CUDA: onnxruntime then silently gives a CPU-only session
+    monkeypatch.setattr(
+        ev.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    d = evaluate_model(MODEL, held_out, providers=("cuda",), batch_sizes=(1,), **FAST)
+    assert "fell back to CPU" in d["latency"]["cuda"]["skipped"]
+
+
+@pytest.mark.gpu
+def test_cuda_latency(held_out):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("CUDAExecutionProvider not available in this onnxruntime")
+    probe = ort.InferenceSession(str(MODEL), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in probe.get_providers():
+        pytest.skip("CUDAExecutionProvider falls back to CPU here (no usable GPU)")
+    d = evaluate_model(MODEL, held_out, providers=("cuda",), batch_sizes=(1, 32), **FAST)
+    cuda = d["latency"]["cuda"]
+    assert "skipped" not in cuda
+    for stats in cuda.values():
+        assert stats["p50_ms"] > 0 and stats["p90_ms"] >= stats["p50_ms"]
+
+
+def test_unknown_provider_is_one_line_error(held_out):
+    with pytest.raises(OnnxAdmmError) as exc:
+        evaluate_model(MODEL, held_out, providers=("tpu",))
+    assert "tpu" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_full_provider_names_accepted():
+    d = evaluate_model(MODEL, None, providers=("CPUExecutionProvider", "cpu"), batch_sizes=(1,), **FAST)
+    assert list(d["latency"]) == ["cpu"]
+
+
+def test_dataset_name_mismatch_is_data_error(held_out):
+    bad = Dataset({"pixels": held_out.inputs["input"]}, held_out.labels)
+    with pytest.raises(DataError) as exc:
+        evaluate_model(MODEL, bad)
+    msg = str(exc.value)
+    assert "'input'" in msg and "'pixels'" in msg and "\n" not in msg
+
+
+def test_dataset_shape_mismatch_is_data_error(held_out):
+    bad = Dataset({"input": held_out.inputs["input"].reshape(len(held_out), 64)}, held_out.labels)
+    with pytest.raises(DataError):
+        evaluate_model(MODEL, bad)
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError):
+        evaluate_model(MODEL, None, runs=0)
+    with pytest.raises(ConfigError):
+        evaluate_model(MODEL, None, batch_sizes=(0,))
+    with pytest.raises(ConfigError):
+        evaluate_model(MODEL, None, label_output="nope", reference=MODEL)
+
+
+@pytest.mark.parametrize("b0", [1, 4])
+def test_fixed_batch_model_is_run_chunkwise(tmp_path, held_out, b0):
+    path = _fixed_batch_copy(tmp_path / f"fixed{b0}.onnx", b0)
+    ds = held_out.subset(slice(0, 37))  # 37 is not a multiple of 4: last chunk is padded
+    d = evaluate_model(path, ds, reference=MODEL, batch_sizes=(1, 32), **FAST)
+    assert d["batch"] == b0
+    assert d["samples"] == 37
+    assert d["accuracy"] == pytest.approx(_direct_accuracy(ds))
+    assert d["agreement"] == 1.0
+    assert d["max_abs_diff"] < 1e-4
+    assert list(d["latency"]["cpu"]) == [str(b0)]
+    assert any(f"fixed batch size {b0}" in n for n in d["notes"])
+    if b0 == 4:
+        assert any("padded" in n for n in d["notes"])
+    # without a dataset too: random inputs of b0-multiple count, latency at b0
+    d2 = evaluate_model(path, None, reference=MODEL, **FAST)
+    assert d2["agreement"] == 1.0 and list(d2["latency"]["cpu"]) == [str(b0)]
+
+
+def test_integer_class_output_used_as_is(tmp_path, held_out):
+    m = onnx.load(MODEL)
+    m.graph.node.append(helper.make_node("ArgMax", ["logits"], ["pred"], axis=1, keepdims=0))
+    m.graph.output.append(helper.make_tensor_value_info("pred", onnx.TensorProto.INT64, ["N"]))
+    path = tmp_path / "argmax.onnx"
+    onnx.save(m, str(path))
+    d = evaluate_model(path, held_out, label_output="pred", providers=())
+    assert d["accuracy"] == pytest.approx(_direct_accuracy(held_out))
+    d = evaluate_model(path, held_out, reference=path, label_output="pred", providers=())
+    assert d["agreement"] == 1.0 and d["max_abs_diff"] == 0.0
+
+
+def test_spatial_output_is_flattened(tmp_path, held_out):
+    m = onnx.load(MODEL)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 10, 1, 1], dtype=np.int64), "s4"))
+    m.graph.node.append(helper.make_node("Reshape", ["logits", "s4"], ["logits4"]))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("logits4", onnx.TensorProto.FLOAT, ["N", 10, 1, 1]))
+    path = tmp_path / "nc11.onnx"
+    onnx.save(m, str(path))
+    d = evaluate_model(path, held_out, reference=MODEL, providers=())
+    assert d["accuracy"] == pytest.approx(_direct_accuracy(held_out))
+    assert d["agreement"] == 1.0
+    assert any("by position" in n for n in d["notes"])
+
+
+def test_file_bytes_counts_external_data(tmp_path, held_out):
+    path = save_model(onnx.load(MODEL), tmp_path / "ext.onnx", external_data=True)
+    data = tmp_path / "ext.onnx.data"
+    assert data.is_file()
+    d = evaluate_model(path, held_out, reference=MODEL, providers=())
+    assert d["file_bytes"] == path.stat().st_size + data.stat().st_size
+    assert d["file_bytes"] > path.stat().st_size
+    assert d["agreement"] == 1.0 and d["max_abs_diff"] == 0.0
