@@ -110,8 +110,10 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) 
     try:
         if external_data:
             tmp_data = path.parent / f".{data_name}.tmp"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # onnx.save_model moves tensor data out of the proto it is given
             onnx.save_model(
-                model,
+                copy,
                 tmp,
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,

@@ -190,11 +190,6 @@ def test_save_round_trip_and_external(tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(back), numpy_helper.to_array(m.graph.initializer[0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modelio.save_model(external_data=True) converts the caller's ModelProto in place "
-    "(onnx.save_model moves its data out to the temp .data file); it should save a copy",
-)
 def test_save_external_leaves_callers_model_alone(tmp_path):
     m = _small_model()
     save_model(m, tmp_path / "m.onnx", external_data=True)

@@ -11,7 +11,7 @@ from onnxadmm.importer.graph import OnnxGraphModule
 from onnxadmm.validate import ortrun
 from onnxadmm.validate.verify import verify_model
 
-from .conftest import manifest_entries
+from conftest import manifest_entries
 
 MODELS = [e for e in manifest_entries()]
 if not MODELS:

@@ -79,6 +79,8 @@ class Engine:
         if self.cfg.max_batches_per_epoch:
             per_epoch = min(per_epoch, self.cfg.max_batches_per_epoch)
         total = max(1, int(round(per_epoch * epochs)))
+        if epochs > 0:
+            total = max(total, int(round(self.cfg.min_batches * min(epochs, 1.0))))
         done = 0
         while done < total:
             perm = self.rng.permutation(n)
@@ -179,7 +181,7 @@ class Engine:
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()
-            run_loss += float(loss) * len(xs[0])
+            run_loss += loss.item() * len(xs[0])
             seen += len(xs[0])
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == total:

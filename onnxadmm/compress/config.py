@@ -59,6 +59,7 @@ class CompressConfig:
     val_fraction: float = 0.1  # held out when no --val-data is given
     seed: int = 0
     device: str = "cpu"
+    min_batches: int = 200  # floor on optimizer steps per ADMM iteration / retraining epoch (small datasets)
     max_batches_per_epoch: int | None = None  # cap for quick runs
 
     def validate(self) -> CompressConfig:

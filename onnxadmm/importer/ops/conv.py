@@ -17,18 +17,6 @@ CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
-def spatial_rank(node: NodeContext, *list_attrs: str) -> int | None:
-    """Number of spatial dims when an attribute or a constant weight tells it at import time."""
-    for name in list_attrs:
-        v = node.attr(name)
-        if v:
-            return len(v) // 2 if name == "pads" else len(v)
-    w = node.const(1)
-    if w is not None and node.op_type in ("Conv", "ConvTranspose"):
-        return w.ndim - 2
-    return None
-
-
 def auto_pad_attr(node: NodeContext) -> str:
     auto_pad = node.attr("auto_pad", "NOTSET") or "NOTSET"
     if auto_pad not in AUTO_PADS:
@@ -130,11 +118,17 @@ def conv_transpose(node: NodeContext):
                 target = list(out_shape_attr)[-nd:]
             else:
                 target = [n * s for n, s in zip(sizes, strides)]
-            total = [f + op - t for f, op, t in zip(full, out_pad, target)]
+            # as onnxruntime: a negative total pad becomes 0; an explicit output_shape is then
+            # reached by zero extension at the end
+            total = [max(0, f + op - t) for f, op, t in zip(full, out_pad, target)]
             if auto_pad == "SAME_UPPER":
-                begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+                begin = [t // 2 for t in total]
             else:
-                begin, end = [t - t // 2 for t in total], [t // 2 for t in total]
+                begin = [t - t // 2 for t in total]
+            if out_shape_attr:
+                end = [f + op - b - t for f, op, b, t in zip(full, out_pad, begin, target)]
+            else:
+                end = [t - b for t, b in zip(total, begin)]
         elif auto_pad == "VALID":
             begin, end = [0] * nd, [0] * nd
         else:

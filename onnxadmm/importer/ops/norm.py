@@ -184,6 +184,7 @@ def mean_variance_normalization(node: NodeContext):
 
     def run(x):
         var, mean = torch.var_mean(x, dim=axes, keepdim=True, correction=0)
-        return (x - mean) / (torch.sqrt(var) + 1e-9)
+        # the clamp (invisible in the values) keeps a constant slice from giving NaN gradients
+        return (x - mean) / (torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) + 1e-9)
 
     return run
