@@ -25,6 +25,7 @@ OPS = {
         "InstanceNormalization",
         "LayerNormalization",
         "GroupNormalization",
+        "RMSNormalization",
         "LRN",
         "LpNormalization",
         "MeanVarianceNormalization",
@@ -318,10 +319,12 @@ def test_batch_norm_2d_input():
     check("BatchNormalization", {"x": _r(3, 5)}, consts, {}, 15)
 
 
-def test_batch_norm_training_mode_vs_ort():
+@pytest.mark.parametrize("opset,n_out", [(15, 3), (9, 5)])
+def test_batch_norm_training_mode_vs_ort(opset, n_out):
     c = X4.shape[1]
     feeds = dict(x=X4, s=_r(c), b=_r(c), mean=_r(c), var=RNG.random(c).astype(np.float32) + 0.5)
-    check("BatchNormalization", feeds, {}, dict(training_mode=1, momentum=0.8), 15, n_out=3)
+    attrs = dict(momentum=0.8, training_mode=1) if opset >= 14 else dict(momentum=0.8)
+    check("BatchNormalization", feeds, {}, attrs, opset, n_out=n_out)
 
 
 def test_instance_norm_vs_ort():
@@ -352,6 +355,12 @@ def test_group_norm_18_per_group_scale():
     ref = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
     ref = ref * s[None, :, None] + b[None, :, None]
     np.testing.assert_allclose(y, ref.reshape(x.shape), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_rms_norm_vs_ort(axis):
+    check("RMSNormalization", {"x": X4}, dict(s=_r(*X4.shape[axis:])), dict(axis=axis, epsilon=1e-3), 23)
+    check("RMSNormalization", {"x": X4}, dict(s=_r(X4.shape[-1])), dict(axis=axis), 23)  # broadcast scale
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])

@@ -42,6 +42,7 @@ class State:
     U: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)  # onnx name -> bool tensor (pruned weights stay pruned)
     history: list = field(default_factory=list)
+    steps: int = 0  # optimizer steps taken
     optimizer: dict | None = None
 
 
@@ -72,10 +73,14 @@ class Engine:
         y = None if ds.labels is None else torch.from_numpy(np.asarray(ds.labels[idx])).to(self.device)
         return xs, y
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.cfg.batch_size)
+
     def batches(self, epochs: float):
         n = len(self.train)
         bs = self.cfg.batch_size
-        per_epoch = math.ceil(n / bs)
+        per_epoch = self.batches_per_epoch
         if self.cfg.max_batches_per_epoch:
             per_epoch = min(per_epoch, self.cfg.max_batches_per_epoch)
         total = max(1, int(round(per_epoch * epochs)))
@@ -181,6 +186,7 @@ class Engine:
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()
+            self.state.steps += 1
             run_loss += loss.item() * len(xs[0])
             seen += len(xs[0])
             bar.update(1)
@@ -211,6 +217,7 @@ class Engine:
             "U": st.U,
             "masks": st.masks,
             "history": st.history,
+            "steps": st.steps,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "module": self.m.state_dict(),
             "rng": self.rng.bit_generator.state,
@@ -225,4 +232,5 @@ class Engine:
         st.unit, st.rho = blob["unit"], blob["rho"]
         st.Z, st.U, st.masks, st.history = blob["Z"], blob["U"], blob["masks"], blob["history"]
         st.optimizer = blob["optimizer"]
+        st.steps = blob["steps"]
         self.rng.bit_generator.state = blob["rng"]

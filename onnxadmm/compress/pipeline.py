@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import torch
 from ..data import Dataset, input_specs_of, load_data
 from ..errors import ConfigError, DataError, NothingToCompressError, OnnxAdmmError
 from ..export.writer import export_onnx
+from ..importer import analysis
 from ..importer.graph import OnnxGraphModule
 from ..modelio import load_model
+from ..validate.evaluate import evaluate_model, file_bytes
 from .admm import Engine, plan
 from .config import CompressConfig
 from .objective import training_heads
@@ -226,11 +229,23 @@ def compress(
     export_onnx(proto, state, out_path, sparse=sparse, force=force)
     train_seconds = time.perf_counter() - t0
 
-    from ..validate.evaluate import evaluate_model
-
-    ev = evaluate_model(
-        out_path, val, reference=in_path, providers=("cpu",), batch_sizes=(1,), warmup=2, runs=10
-    )
+    graph_outs = [o.name for o in proto.graph.output]
+    view_outs = analysis.training_outputs(proto)
+    with tempfile.TemporaryDirectory() as tmp:
+        if view_outs != graph_outs:
+            # e.g. a model whose only output is an accuracy: validate the logits it computes
+            ev_model, ev_ref = Path(tmp) / "compressed.onnx", Path(tmp) / "original.onnx"
+            _extract(out_path, ev_model, module.input_names, view_outs)
+            _extract(in_path, ev_ref, module.input_names, view_outs)
+            log(f"validating on output(s) {', '.join(view_outs)} (the model's own outputs are not trainable)")
+        else:
+            ev_model, ev_ref = out_path, in_path
+        ev = evaluate_model(
+            ev_model, val, reference=ev_ref, providers=("cpu",), batch_sizes=(1,), warmup=2, runs=10
+        )
+    ev["file_bytes"] = file_bytes(out_path)
+    if ev.get("reference"):
+        ev["reference"]["file_bytes"] = file_bytes(in_path)
     layers = []
     for w in weights:
         nz = int(np.count_nonzero(state[w.name]))
@@ -273,6 +288,8 @@ def compress(
         "seconds": time.perf_counter() - t0,
         "train_seconds": train_seconds,
         "steps": rates,
+        "epochs": engine.state.steps / engine.batches_per_epoch,
+        "optimizer_steps": engine.state.steps,
         "history": engine.state.history,
         "config": cfg.to_dict(),
     }
@@ -283,6 +300,13 @@ def compress(
     if ckpt_path.exists():
         ckpt_path.unlink()
     return rep
+
+
+def _extract(src: Path, dst: Path, inputs: list[str], outputs: list[str]) -> None:
+    """A copy of ``src`` reduced to what computes ``outputs`` from ``inputs`` (weights unchanged)."""
+    import onnx.utils
+
+    onnx.utils.extract_model(str(src), str(dst), inputs, outputs, check_model=False)
 
 
 def _json_default(o):

@@ -104,9 +104,14 @@ def verify_model(
     if data is not None:
         feeds_all = {k: np.asarray(v)[:max_samples] for k, v in data.items()}
     else:
-        feeds_all = ortrun.random_inputs(
-            specs, batch=max(batch, 2) if b0 is None else 3 * b0, seed=seed, shapes=shapes
-        )
+        if b0 is None:
+            # a batch of 2 shows that samples stay independent; 1 for very large inputs (images of 1M+ values)
+            one = ortrun.random_inputs(specs, batch=1, seed=seed, shapes=shapes)
+            big = sum(v.size for v in one.values()) > 1_000_000
+            b = 1 if big and batch == 2 else batch
+        else:
+            b = 3 * b0
+        feeds_all = ortrun.random_inputs(specs, batch=b, seed=seed, shapes=shapes)
     n_total = len(next(iter(feeds_all.values())))
 
     # run onnxruntime: whole batch, or chunk by chunk of the fixed batch size
@@ -127,14 +132,15 @@ def verify_model(
         g = got[name].detach().cpu()
         g = g.numpy() if g.dtype != torch.bfloat16 else g.float().numpy()
         ok, diff, allowed = compare(r, g.astype(r.dtype) if r.dtype.kind in "fc" else g, tol)
+        detail = f"max |diff| {diff:.3g} (allowed {allowed:.3g})"
+        if not ok and r.dtype.kind == "f" and not float16:
+            ok, detail = _float64_arbitration(module, feeds_all, name, r, g, tol, detail)
         label = f"output {name}"
         if b0 is not None:
             label += (
                 f" (batch {n_total} in torch vs {n_total // b0} runs of the fixed batch {b0} in onnxruntime)"
             )
-        result.checks.append(
-            Check(label, ok, f"max |diff| {diff:.3g} (allowed {allowed:.3g})", diff, allowed)
-        )
+        result.checks.append(Check(label, ok, detail, diff, allowed))
 
     # gradients reach every compressible weight
     module.zero_grad(set_to_none=True)
@@ -171,6 +177,36 @@ def verify_model(
     )
     result.seconds = time.perf_counter() - t0
     return result
+
+
+ORT_DEVIATION_LIMIT = 1e-2  # relative: beyond this onnxruntime computes something else, not rounding
+
+
+def _float64_arbitration(module, feeds, name, ref_ort, got32, tol, detail):
+    """When torch (fp32) and onnxruntime (fp32) disagree, run torch in float64 as the arbiter.
+
+    Float32 kernels differ in rounding (e.g. onnxruntime's InstanceNormalization on nearly
+    constant activations loses digits to cancellation). The import is judged correct when the
+    fp32 torch result is within tolerance of the float64 result, and onnxruntime's own deviation
+    from float64 stays below 1e-2 of the output scale (rounding, not a different function).
+    """
+    import copy
+
+    m64 = copy.deepcopy(module).double()
+    m64.input_dtypes = [torch.float64 if d.is_floating_point else d for d in m64.input_dtypes]
+    feeds64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in feeds.items()}
+    try:
+        out64 = _torch_run(m64, feeds64, [name])[name].detach().cpu().numpy()
+    except Exception:  # an op without float64 support: keep the plain verdict
+        return False, detail
+    ok32, d32, allowed = compare(out64, got32, tol)
+    _, d_ort, _ = compare(out64, ref_ort, tol)
+    scale = allowed / tol
+    ok = ok32 or (d32 <= d_ort and d_ort <= ORT_DEVIATION_LIMIT * scale)
+    return ok, (
+        f"{detail}; float64 arbitration: torch fp32 off by {d32:.3g}, onnxruntime off by {d_ort:.3g}"
+        + (" (fp32 rounding: torch is at least as close to float64 as onnxruntime)" if ok else "")
+    )
 
 
 def format_result(r: VerifyResult) -> str:

@@ -24,8 +24,11 @@ def auto_pad_attr(node: NodeContext) -> str:
     return auto_pad
 
 
-def same_pads(auto_pad: str, sizes, eff_kernel, strides) -> tuple[list[int], list[int]]:
-    """(begin, end) pads for ``SAME_UPPER``/``SAME_LOWER``: output size ``ceil(size / stride)``."""
+def _same_pads(auto_pad: str, sizes, eff_kernel, strides) -> tuple[list[int], list[int]]:
+    """(begin, end) pads for ``SAME_UPPER``/``SAME_LOWER``: output size ``ceil(size / stride)``.
+
+    Sized with the dilated kernel (as torch and TensorFlow; onnxruntime refuses SAME with dilations).
+    """
     begin, end = [], []
     for n, k, s in zip(sizes, eff_kernel, strides):
         out = -(-n // s)
@@ -72,7 +75,7 @@ def conv(node: NodeContext):
         strides, dils = _ints(strides_attr, nd), _ints(dil_attr, nd)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             eff = [(k - 1) * d + 1 for k, d in zip(kernel, dils)]
-            begin, end = same_pads(auto_pad, x.shape[2:], eff, strides)
+            begin, end = _same_pads(auto_pad, x.shape[2:], eff, strides)
         elif auto_pad == "VALID":
             begin, end = [0] * nd, [0] * nd
         else:

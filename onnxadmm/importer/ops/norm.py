@@ -1,4 +1,4 @@
-"""Normalization operators: Batch/Instance/Layer/Group normalization, LRN, LpNormalization, MVN."""
+"""Normalization operators: Batch/Instance/Layer/Group/RMS normalization, LRN, LpNormalization, MVN."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def batch_norm(node: NodeContext):
     Inference (the default) normalizes with the given ``input_mean``/``input_var``. Training
     semantics (``training_mode=1`` from opset 14; before, requesting the extra outputs with
     ``is_test=0``) normalize with the batch statistics and also return the updated running stats
-    (opset < 14 additionally the batch mean/variance as ``saved_mean``/``saved_var``).
+    (opset < 14 additionally ``saved_mean`` and, as onnxruntime, the inverse std as ``saved_var``).
     """
     eps = node.attr("epsilon", 1e-5)
     momentum = node.attr("momentum", 0.9)
@@ -59,10 +59,11 @@ def batch_norm(node: NodeContext):
         cur_var, cur_mean = torch.var_mean(xs, dim=dims, correction=0)
         cur_var, cur_mean = cur_var.to(x.dtype), cur_mean.to(x.dtype)
         shape = (lambda t: _per_channel(t, x.dim())) if spatial else (lambda t: t)
-        y = (x - shape(cur_mean)) * torch.rsqrt(shape(cur_var) + eps) * shape(scale) + shape(bias)
+        inv_std = torch.rsqrt(cur_var + eps)
+        y = (x - shape(cur_mean)) * shape(inv_std) * shape(scale) + shape(bias)
         run_mean = mean * momentum + cur_mean * (1 - momentum)
         run_var = var * momentum + cur_var * (1 - momentum)
-        return (y, run_mean, run_var, cur_mean, cur_var)[:n_out]
+        return (y, run_mean, run_var, cur_mean, inv_std)[:n_out]
 
     return train
 
@@ -74,10 +75,8 @@ def instance_norm(node: NodeContext):
     def run(x, scale, bias):
         if x.dim() >= 3:
             return F.instance_norm(x, weight=scale, bias=bias, eps=eps)
-        var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
-        return (x - mean) * torch.rsqrt(var + eps) * _per_channel(scale, x.dim()) + _per_channel(
-            bias, x.dim()
-        )
+        # no spatial dims: each statistic covers one element, which normalizes to 0
+        return (x - x) * _per_channel(scale, x.dim()) + _per_channel(bias, x.dim())
 
     return run
 
@@ -111,6 +110,26 @@ def layer_norm(node: NodeContext):
         if not extra:
             return y
         return y, mean.to(stash), rstd.to(stash)
+
+    return run
+
+
+@register("RMSNormalization", since=23)
+def rms_norm(node: NodeContext):
+    """RMSNormalization-23: ``x / sqrt(mean(x^2 over axis..) + eps) * scale`` (scale broadcasts)."""
+    axis = node.attr("axis", -1)
+    eps = node.attr("epsilon", 1e-5)
+    stash = torch_dtype(node.attr("stash_type", 1))
+
+    def run(x, scale):
+        a = axis % x.dim()
+        dtype = x.dtype
+        xs = x.to(stash) if dtype in _LOW_PRECISION and stash not in _LOW_PRECISION else x
+        norm_shape = tuple(x.shape[a:])
+        if tuple(scale.shape) == norm_shape and xs is x and scale.dtype == x.dtype:
+            return F.rms_norm(x, norm_shape, scale, eps)
+        ms = (xs * xs).mean(dim=tuple(range(a, x.dim())), keepdim=True)
+        return (xs * torch.rsqrt(ms + eps)).to(dtype) * scale
 
     return run
 

@@ -1,20 +1,22 @@
-"""Resize (opsets 10, 11-19) and Upsample (opsets 7, 9).
+"""Resize (opset 10; 11 and later, one factory reading the attributes added up to 19) and Upsample (7, 9).
 
 Every variant is separable: each resized axis maps output index ``y`` to a source coordinate
 ``x(y)`` (the coordinate transformation mode) and takes a weighted sum of a few neighbours
-(nearest / linear / cubic kernel, optionally stretched for antialiasing). A :class:`_Plan` holds,
-per resized axis, the neighbour indices and weights, computed once per input shape in float64; the
-forward is ``index_select`` + weighted sum along each axis (differentiable, any rank and dtype).
+(nearest / linear / cubic kernel, stretched by 1/scale for antialiasing). A :class:`_Plan` holds,
+per resized axis, the neighbour indices and weights, computed once per input shape; the forward is
+``index_select`` + weighted sum along each axis (differentiable, any rank, any dtype).
 
 Where ``F.interpolate`` computes the same thing it is used instead (one fused kernel). That is
-decided per input shape by *probing*: the candidate torch mode resizes an identity matrix along
-one axis and must reproduce the plan's weights (exactly for nearest), so a torch rounding quirk can
-never change the result.
+decided per input shape by *probing*: the candidate torch mode resizes ``arange(n)`` (nearest: must
+pick the same indices) or an identity matrix (linear/cubic: must give the same weights) along each
+axis, so a torch rounding quirk can never change the result.
 
-Semantics follow onnxruntime where it and the ONNX reference implementation disagree:
-``align_corners`` and ``tf_crop_and_resize`` divide by the integer output length minus one (the
-reference uses the fractional ``scale * length``), and ``pytorch_half_pixel`` maps a length-1
-output to coordinate 0 (as the spec says; the reference uses -0.5).
+Semantics follow onnxruntime, the project's oracle, where it and the ONNX reference implementation
+disagree: source coordinates are computed in float32 in onnxruntime's order of operations (rounding
+ties of nearest modes fall the same way); ``align_corners`` and ``tf_crop_and_resize`` divide by the
+integer output length minus one (the reference uses the fractional ``scale * length``, so two node
+tests expect other values); ``pytorch_half_pixel`` maps a length-1 output to 0, as the spec says;
+an axis with scale exactly 1 is left untouched whatever its roi.
 """
 
 from __future__ import annotations
@@ -172,15 +174,17 @@ class _Plan:
         per_axis = {a: _axis_weights(spec, shape[a], out[a], scales[a], rois[a]) for a in self.axes}
         if dtype.is_floating_point and self.axes and min(self.axes) >= 2 and 0 not in out:
             spatial = range(2, len(shape))
+            probe_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # torch's opmath
             size = {"scale_factor": [scales[a] for a in spatial]} if use_scales else {"size": out[2:]}
             for kw in _candidates(spec, len(shape)):
                 if all(
-                    self._probe(kw, use_scales, shape[a], out[a], scales[a], per_axis.get(a)) for a in spatial
+                    self._probe(kw, use_scales, shape[a], out[a], scales[a], per_axis.get(a), probe_dtype)
+                    for a in spatial
                 ):
                     self.interp = {**kw, **size}
                     break
         self.gathers = []
-        for a in self.axes:
+        for a in self.axes if self.interp is None else ():
             idx, w, outside = per_axis[a]
             view = [1] * len(shape)
             view[a] = out[a]
@@ -194,8 +198,8 @@ class _Plan:
         self.integer = not dtype.is_floating_point and any(w is not None for *_, w, _ in self.gathers)
 
     @staticmethod
-    def _probe(kw, use_scales, n_in, n_out, scale, weights) -> bool:
-        """Does ``F.interpolate(**kw)`` resample one axis exactly like the plan? (CPU, float32).
+    def _probe(kw, use_scales, n_in, n_out, scale, weights, dtype) -> bool:
+        """Does ``F.interpolate(**kw)`` resample one axis exactly like the plan? (on CPU)
 
         Nearest modes resize ``arange(n_in)`` and must pick the same indices; the others resize an
         identity matrix (one probe per input position) and must give the same weights.
@@ -203,9 +207,9 @@ class _Plan:
         nearest = kw["mode"].startswith("nearest")
         rank = {"linear": 3, "trilinear": 5}.get(kw["mode"], 4)
         if nearest:
-            probe = torch.arange(n_in, dtype=torch.float32).reshape(1, 1, *[1] * (rank - 3), n_in)
+            probe = torch.arange(n_in, dtype=dtype).reshape(1, 1, *[1] * (rank - 3), n_in)
         elif n_in <= 2048:
-            probe = torch.eye(n_in).reshape(n_in, 1, *[1] * (rank - 3), n_in)
+            probe = torch.eye(n_in, dtype=dtype).reshape(n_in, 1, *[1] * (rank - 3), n_in)
         else:
             return False
         if use_scales:
