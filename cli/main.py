@@ -133,8 +133,6 @@ def data_conversion_options(f):
     return f
 
 
-
-
 def _defaults():
     from onnxadmm.compress.config import CompressConfig
 
@@ -214,6 +212,11 @@ def _defaults():
     help=f"Fraction held out when no --val-data. [default: {_defaults().val_fraction}]",
 )
 @click.option("--max-batches-per-epoch", type=int, help="Cap on batches per epoch (quick runs).")
+@click.option(
+    "--min-batches",
+    type=int,
+    help=f"Floor on steps per ADMM iteration / retraining epoch (small data). [default: {_defaults().min_batches}]",
+)
 @click.option("--device", help="torch device for training: cpu, cuda. [default: cpu]")
 @click.option("--seed", type=int, help="Random seed; the same seed reproduces a run. [default: 0]")
 @data_conversion_options

@@ -92,11 +92,10 @@ def _read(source) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: folder holds no .npy files")
         return {f.stem: np.load(f, allow_pickle=False) for f in files}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise DataError(
-                    f"{path}: a single .npy array; use an .npz with arrays named after the inputs"
-                )
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            raise DataError(f"{path}: a single .npy array; use an .npz with arrays named after the inputs")
+        with z:
             return {k: z[k] for k in z.files}
     except DataError:
         raise
@@ -160,7 +159,8 @@ def load_data(
             arrays = {specs[0].name: arrays[rest[0]]}
         else:
             raise DataError(
-                f"data must hold an array named {specs[0].name!r} (or 'x'); found {', '.join(rest) or 'none'}"
+                f"data must hold an array named {specs[0].name!r} (or 'x') of shape {specs[0].shape}; "
+                f"found {', '.join(rest) or 'none'}"
             )
     for s in specs:
         if s.name not in arrays:
@@ -170,6 +170,11 @@ def load_data(
         x = np.asarray(arrays[s.name])
         if x.ndim == 0:
             raise DataError(f"input {s.name!r}: a scalar array; expected shape {s.shape}")
+        if x.dtype.kind not in "fiub":
+            raise DataError(
+                f"input {s.name!r}: data of type {x.dtype} cannot feed the model "
+                f"(expects {np.dtype(s.dtype).name} of shape {s.shape})"
+            )
         if np.issubdtype(s.dtype, np.floating):
             x = x.astype(np.float32)
             if scale is not None:
@@ -177,7 +182,9 @@ def load_data(
             if mean is not None or std is not None:
                 x = _normalise(x, mean, std, layout or _model_layout(s.shape) or "nchw")
         elif x.dtype.kind not in "iub":
-            raise DataError(f"input {s.name!r}: model expects {np.dtype(s.dtype).name}, data are {x.dtype}")
+            raise DataError(
+                f"input {s.name!r}: model expects {np.dtype(s.dtype).name} of shape {s.shape}, data are {x.dtype}"
+            )
         x = _fit(s.name, x, s, layout).astype(s.dtype, copy=False)
         inputs[s.name] = np.ascontiguousarray(x)
     n = {len(v) for v in inputs.values()}

@@ -303,13 +303,6 @@ class _LabelsDropped(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=_LabelsDropped,
-    reason="pipeline._gather: only a *tuple* batch is read as (inputs, labels); torch DataLoader yields "
-    "lists [x, y], so the labels are zipped away as a second input and training silently falls back "
-    "to distillation",
-)
 def test_torch_dataloader_batches(tmp_path, digits):
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -397,13 +390,6 @@ def test_bad_rates_refused(tmp_path, rate):
     assert not (tmp_path / "o.onnx").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pipeline.compress: with force and output == input the model is overwritten before "
-    "evaluate_model(..., reference=in_path) runs, so the report's accuracy.original, agreement and "
-    "file_bytes.original describe the compressed model (agreement 1.0)",
-)
 def test_force_overwrite_reports_the_original(model_copy, digits):
     x, y = digits
     _, val = Dataset({"input": x}, y).split(0.1, 0)
@@ -422,13 +408,6 @@ def test_bad_layer_names_refused():
         compress(MODEL, "/nonexistent/x.onnx", "digits", exclude=["zzz*"], quiet=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="pipeline.compress (allocate per progressive step): intermediate steps give fixed-rate layers "
-    "min(rate, step) and ask the rest to reach the step's overall rate, which a large excluded layer "
-    "makes impossible ('cannot reach 2x overall') although the final 8x target is reachable one-shot",
-)
 def test_progressive_steps_with_exclusion_and_fixed_rate(tmp_path):
     kw = dict(rate=8, exclude=["conv2.weight"], layer_rates={"fc1.weight": 1000}, quiet=True, **FAST)
     rep = compress(MODEL, tmp_path / "one.onnx", "digits", progressive=False, **kw)  # reachable
@@ -506,13 +485,6 @@ def test_engine_batches_cover_the_data():
     assert n_batches(batch_size=4, min_batches=10) == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="admm.Engine.batches line 83: the min_batches floor (default 200) is applied after the "
-    "max_batches_per_epoch cap, so --max-batches-per-epoch 2 still runs 200 batches per unit (and the CLI "
-    "has no --min-batches to lower the floor)",
-)
 def test_engine_max_batches_caps_the_default_floor():
     assert n_batches(batch_size=4, max_batches_per_epoch=2) == 2
 

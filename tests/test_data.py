@@ -176,12 +176,6 @@ def test_scalar_input(specs):
     assert "'input'" in msg and "1, 8, 8" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="data.py load_data: the single-input name-mismatch error ('data must hold an array named "
-    "'input' (or 'x'); found a, b') does not state the expected shape",
-)
 def test_name_mismatch_names_input_and_expected_shape(specs):
     msg = one_line_data_error(load_data, {"a": rand(3, 64), "b": rand(3, 64)}, specs)
     assert "'input'" in msg and "a, b" in msg
@@ -194,24 +188,12 @@ def test_dtype_mismatch_names_input_and_dtype():
     assert "'ids'" in msg and "int64" in msg and "float32" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="data.py load_data: the dtype-mismatch error ('input 'ids': model expects int64, data are "
-    "float32') does not state the expected shape",
-)
 def test_dtype_mismatch_names_expected_shape():
     specs = [InputSpec("ids", ["N", 5], np.dtype("int64"))]
     msg = one_line_data_error(load_data, {"ids": rand(3, 5)}, specs)
     assert "5]" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="data.py load_data line 174: x.astype(np.float32) on string data raises a bare ValueError "
-    "(no DataError, input not named); non-numeric dtypes are not checked for float inputs",
-)
 def test_string_data_for_float_input(specs):
     msg = one_line_data_error(load_data, {"x": np.array([["a"] * 64] * 2)}, specs)
     assert "'input'" in msg
@@ -241,13 +223,6 @@ def test_missing_and_unreadable_sources(tmp_path, specs):
     assert "bad.npz" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="data.py _read line 95: `with np.load(path) as z` on a .npy file raises TypeError (ndarray has no "
-    "context manager) before the `hasattr(z, 'files')` check, so the intended 'a single .npy array; use "
-    "an .npz ...' message is never shown (users get 'cannot read as .npz (TypeError: ...)')",
-)
 def test_single_npy_file_message(tmp_path, specs):
     p = tmp_path / "one.npy"
     np.save(p, rand(3, 8, 8))

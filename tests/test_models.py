@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import manifest_entries
 
 from onnxadmm.errors import NothingToCompressError
 from onnxadmm.importer.graph import OnnxGraphModule
 from onnxadmm.validate import ortrun
 from onnxadmm.validate.verify import verify_model
-
-from conftest import manifest_entries
 
 MODELS = [e for e in manifest_entries()]
 if not MODELS:

@@ -233,12 +233,6 @@ def test_allocate_impossible_targets_raise(sizes, rate, kw):
         allocate(sizes, rate, **kw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="allocate() does not detect a target that is too LOW to reach: when fixed-rate layers keep so few "
-    "weights that even the free layers kept dense stay under the budget, it silently returns a higher rate "
-    "(here 50.5x for a 2x target) instead of raising ConfigError",
-)
 def test_allocate_unreachable_low_target_raises():
     # b fixed at 100x keeps 100 weights; even with a kept dense, the best reachable is 10100/200 = 50.5x
     with pytest.raises(ConfigError):

@@ -80,12 +80,11 @@ class Engine:
     def batches(self, epochs: float):
         n = len(self.train)
         bs = self.cfg.batch_size
-        per_epoch = self.batches_per_epoch
-        if self.cfg.max_batches_per_epoch:
-            per_epoch = min(per_epoch, self.cfg.max_batches_per_epoch)
-        total = max(1, int(round(per_epoch * epochs)))
+        total = max(1, int(round(self.batches_per_epoch * epochs)))
         if epochs > 0:
             total = max(total, int(round(self.cfg.min_batches * min(epochs, 1.0))))
+        if self.cfg.max_batches_per_epoch:  # the cap wins over the floor
+            total = min(total, max(1, int(round(self.cfg.max_batches_per_epoch * max(epochs, 1e-9)))))
         done = 0
         while done < total:
             perm = self.rng.permutation(n)

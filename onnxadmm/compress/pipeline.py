@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..errors import ConfigError, DataError, NothingToCompressError, OnnxAdmmErr
 from ..export.writer import export_onnx
 from ..importer import analysis
 from ..importer.graph import OnnxGraphModule
-from ..modelio import load_model
+from ..modelio import load_model, save_model
 from ..validate.evaluate import evaluate_model, file_bytes
 from .admm import Engine, plan
 from .config import CompressConfig
@@ -38,7 +39,8 @@ def _gather(data, specs, data_options) -> Dataset:
     cols: dict[str, list] = {s.name: [] for s in specs}
     labels: list = []
     for batch in data:
-        x, y = batch if isinstance(batch, tuple) and len(batch) == 2 else (batch, None)
+        pair = isinstance(batch, tuple) or (isinstance(batch, list) and len(specs) == 1)
+        x, y = batch if pair and len(batch) == 2 else (batch, None)
         if isinstance(x, dict):
             items = x
         elif isinstance(x, (list, tuple)):
@@ -155,18 +157,17 @@ def compress(
     if train.labels is None or cfg.distill > 0:
         teacher = _teacher_outputs(module, train, device)
 
-    rates = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
+    final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude)
+    steps = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
+    # progressive steps: each layer's kept count moves geometrically from dense to its final count
     keep = [
-        allocate(
-            sizes,
-            r,
-            {k: v for k, v in cfg.layer_rates.items()}
-            if r == cfg.rate
-            else {k: min(v, r) for k, v in cfg.layer_rates.items()},
-            cfg.exclude,
-        )
-        for r in rates
+        {
+            n: max(final[n], int(round(sizes[n] * (final[n] / sizes[n]) ** ((s + 1) / len(steps)))))
+            for n in sizes
+        }
+        for s in range(len(steps))
     ]
+    rates = steps[:-1] + [cfg.rate]  # nominal step rates (labels, report); the counts above are exact
     units = plan(cfg, len(rates))
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet)
     meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
@@ -225,27 +226,37 @@ def compress(
     # final weights: exact masks (the last phase is always masked retraining)
     engine.apply_masks()
     state = module.onnx_state()
-    sparse = _pick_format(fmt, {n: state[n] for n in sizes}, proto)
+    pruned = {n for n in sizes if final[n] < sizes[n]}
+    sparse = _pick_format(fmt, {n: state[n] for n in pruned}, proto)
+    work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
+    ref_path = in_path
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        ref_path = work / "original.onnx"  # --force over the input: keep the original as the reference
+        save_model(proto, ref_path)
+    original_bytes = file_bytes(in_path)
     export_onnx(proto, state, out_path, sparse=sparse, force=force)
     train_seconds = time.perf_counter() - t0
 
     graph_outs = [o.name for o in proto.graph.output]
     view_outs = analysis.training_outputs(proto)
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
+        tmp = work
         if view_outs != graph_outs:
             # e.g. a model whose only output is an accuracy: validate the logits it computes
             ev_model, ev_ref = Path(tmp) / "compressed.onnx", Path(tmp) / "original.onnx"
             _extract(out_path, ev_model, module.input_names, view_outs)
-            _extract(in_path, ev_ref, module.input_names, view_outs)
+            _extract(ref_path, ev_ref, module.input_names, view_outs)
             log(f"validating on output(s) {', '.join(view_outs)} (the model's own outputs are not trainable)")
         else:
-            ev_model, ev_ref = out_path, in_path
+            ev_model, ev_ref = out_path, ref_path
         ev = evaluate_model(
             ev_model, val, reference=ev_ref, providers=("cpu",), batch_sizes=(1,), warmup=2, runs=10
         )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     ev["file_bytes"] = file_bytes(out_path)
     if ev.get("reference"):
-        ev["reference"]["file_bytes"] = file_bytes(in_path)
+        ev["reference"]["file_bytes"] = original_bytes
     layers = []
     for w in weights:
         nz = int(np.count_nonzero(state[w.name]))
@@ -279,7 +290,7 @@ def compress(
         "agreement": ev.get("agreement"),
         "max_abs_diff": ev.get("max_abs_diff"),
         "file_bytes": {
-            "original": (ev.get("reference") or {}).get("file_bytes", in_path.stat().st_size),
+            "original": original_bytes,
             "compressed": ev.get("file_bytes"),
         },
         "format": {"sparse_tensors": sorted(sparse), "requested": fmt},

@@ -61,6 +61,11 @@ def allocate(
             f"cannot reach {rate:.4g}x overall: excluded and fixed-rate layers already keep "
             f"{sum(keep.values()):,} of the {int(budget):,} weights allowed"
         )
+    if free and left > sum(sizes[n] for n in free):
+        raise ConfigError(
+            f"cannot reach a rate as low as {rate:.4g}x: the fixed-rate layers prune more than that "
+            "even with every other layer dense"
+        )
     if not free:
         return keep
 
