@@ -1,26 +1,34 @@
 """Benchmark: time per epoch of onnxadmm's ADMM W-step and masked retraining versus plain fine-tuning.
 
-All three train the same imported LeNet-5 (Caffe variant, written with ``onnx.helper`` by
+All modes train the same imported LeNet-5 (Caffe variant, written with ``onnx.helper`` by
 ``bench_importer_speed.py``; one fresh copy per mode) with Adam, batch 128, cross-entropy, on the
-same batches (``Engine.batches``, same seed), ``torch.set_num_threads(2)``:
+same batches (``Engine.batches``, same seed); each ``--threads`` value (default 2, then 1) is timed
+separately:
 
 * ``fine-tune``: the plain loop (zero_grad, forward, loss, backward, step, ``loss.item()``);
-* ``ADMM W-step``: ``Engine.train_epoch`` on an ``admm`` unit: the loss plus the penalty
-  rho/2 sum ||W - Z + U||^2 over the four weight tensors, then the Z-step (top-k projection), the
-  U-step and the residual at the end of the epoch;
-* ``masked retrain``: ``Engine.train_epoch`` on a ``retrain`` unit after ``hard_prune`` (20x): the
-  plain loss, with the masks re-applied after every optimizer step.
+* ``ADMM W-step``: the loop of ``Engine.train_epoch`` on an ``admm`` unit: the loss plus the
+  penalty rho/2 sum ||W - Z + U||^2 over the four weight tensors; at the end of the epoch the
+  Z-step (top-k projection), the U-step and the residual;
+* ``masked retrain``: the loop of ``Engine.train_epoch`` on a ``retrain`` unit after
+  ``hard_prune`` (20x): the plain loss, with the masks re-applied after every optimizer step.
 
+``--alternative`` adds a fourth mode that is not onnxadmm code: the W-step with the penalty's
+gradient rho (W - (Z - U)) added in place to ``.grad`` after ``loss.backward()``.
+
+The machine is shared and its load changes within an epoch, so the modes run batch by batch
+in turn (order rotated every batch) and an epoch's time is the sum of its batch times plus its end.
+The per-batch code is ``Engine.train_epoch``'s loop body; before timing, the script checks that it
+gives bit-identical weights (and Z, U) to ``Engine.train_epoch`` itself after 3 batches.
+``--whole-epochs N`` also times whole ``Engine.train_epoch`` calls, interleaved epoch by epoch.
 ``Engine.train_epoch`` ends with a validation pass (``Engine.evaluate``); it is the same for any
-training loop that validates, so it is switched off here and timed on its own. Data: the first
+training loop that validates, so it is left out and timed on its own. Data: the first
 ``--samples`` MNIST training images from /work/shared/data/mnist.npz as x/255 float32 [N,1,28,28]
-(random data when the file is missing). Epochs of the three modes are interleaved (the order
-rotates every round); the table shows medians and ratios to fine-tuning, both of the medians and the
-median over rounds of the per-round ratio.
+(random data when the file is missing). The tables show medians and ratios to fine-tuning: of the
+medians, and the median of the paired ratios (same epoch / same batch index).
 
-    python benchmarks/bench_compress_overhead.py              # 10,000 samples/epoch, 5 rounds
-    python benchmarks/bench_compress_overhead.py --quick      # 2,560 samples/epoch, 3 rounds
-    python benchmarks/bench_compress_overhead.py --write      # also update docs/benchmarks.md
+    python benchmarks/bench_compress_overhead.py              # 10,000 samples/epoch, 5 epochs per mode
+    python benchmarks/bench_compress_overhead.py --quick      # 2,560 samples/epoch, 2 epochs per mode
+    python benchmarks/bench_compress_overhead.py --whole-epochs 3 --alternative --write
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ SECTION = "Compression overhead"
 DATA = Path("/work/shared/data/mnist.npz")
 TARGET = 1.15
 MODES = ("fine-tune", "ADMM W-step", "masked retrain")
+# not onnxadmm code: the W-step with the penalty's gradient rho (W - (Z - U)) added in place to .grad
+# after loss.backward() (Z - U cached per W-step) instead of autograd through the penalty value
+ALT = "alt. W-step, in-place penalty grad"
 
 
 def load_data(samples: int, val: int) -> tuple[Dataset, Dataset, str]:
@@ -90,24 +101,38 @@ class Runner:
     def __init__(self, mode: str, engine: Engine, lr: float):
         self.mode, self.e = mode, engine
         self.opt = engine.make_optimizer(lr)
-        self.admm = mode == "ADMM W-step"
+        self.admm = mode in ("ADMM W-step", ALT)
+        self.inplace = mode == ALT
         self.masked = mode == "masked retrain"
         self.k = 0
         if self.admm:
             engine.start_admm(0)
+            self._cache_zu()
         if self.masked:
             engine.hard_prune(0)
 
     def batches(self):
         return self.e.batches(1.0)
 
+    def _cache_zu(self):
+        if self.inplace:
+            st = self.e.state
+            self.zu = {n: st.Z[n] - st.U[n] for n in self.e.names}
+
     def step(self, xs, y, t) -> float:
         e, opt = self.e, self.opt
         opt.zero_grad(set_to_none=True)
         outs = e._outs(xs)
         loss = loss_fn(e.heads, outs, y, t, e.cfg.distill, e.cfg.temperature)
-        total_loss = loss + e.penalty() if self.admm else loss
-        total_loss.backward()
+        if self.inplace:
+            loss.backward()
+            rho = e.state.rho
+            with torch.no_grad():
+                for n, p in e.params.items():
+                    p.grad.add_(p, alpha=rho).sub_(self.zu[n], alpha=rho)
+        else:
+            total_loss = loss + e.penalty() if self.admm else loss
+            total_loss.backward()
         opt.step()
         if e.state.masks:
             e.apply_masks()
@@ -119,17 +144,19 @@ class Runner:
             e.z_step(0)
             e.residual()
             e.state.rho = min(e.state.rho * e.cfg.rho_multiplier, e.cfg.rho_max)
+            self._cache_zu()
 
     def train_epoch(self):
         """The real ``Engine.train_epoch`` (fine-tune: the same loop without penalty and masks)."""
         self.e.m.train()
-        if self.admm:
+        if self.admm and not self.inplace:
             self.k += 1
             return self.e.train_epoch(Unit("admm", 0, self.k - 1), self.opt, "admm")
         if self.masked:
             return self.e.train_epoch(Unit("retrain", 0, 0), self.opt, "retrain")
         for xs, y, t, _ in self.batches():
             self.step(xs, y, t)
+        self.end()
         return {}
 
 
@@ -148,7 +175,7 @@ def check_replica(proto, train, val, cfg, rate) -> float:
             rep.step(xs, y, t)
         rep.end()
         for n in ref.e.names:
-            worst = max(worst, float((ref.e.params[n] - rep.e.params[n]).abs().max()))
+            worst = max(worst, float((ref.e.params[n] - rep.e.params[n]).detach().abs().max()))
             if ref.admm:
                 worst = max(worst, float((ref.e.state.Z[n] - rep.e.state.Z[n]).abs().max()))
                 worst = max(worst, float((ref.e.state.U[n] - rep.e.state.U[n]).abs().max()))
@@ -165,7 +192,8 @@ def interleaved_epoch(runners: dict[str, Runner], r: int) -> dict[str, dict]:
     modes = list(runners)
     b = 0
     while True:
-        order = modes[(b + r) % 3 :] + modes[: (b + r) % 3]
+        k = (b + r) % len(modes)
+        order = modes[k:] + modes[:k]
         done = False
         for m in order:
             t0 = time.perf_counter()
@@ -193,15 +221,30 @@ def timed(fn, *a):
 
 
 def pieces(e_admm: Engine, e_rt: Engine, batches: int, reps: int) -> dict[str, float]:
-    """Seconds per epoch of the pieces that fine-tuning lacks (medians of ``reps``)."""
+    """Seconds per epoch of the pieces that fine-tuning lacks, each timed alone; per-batch pieces
+    interleaved call by call over ``reps * 10`` calls, median x batches. Two alternatives are timed
+    next to the code onnxadmm runs (they are not onnxadmm code): the penalty's gradient added in
+    place without autograd, and masks stored as float."""
+    w = list(e_admm.params.values())
+    zu = [e_admm.state.Z[n] - e_admm.state.U[n] for n in e_admm.names]
+    rho = e_admm.state.rho
+    float_masks = {n: m.to(e_rt.params[n].dtype) for n, m in e_rt.state.masks.items()}
 
-    def penalty_fb():
-        for p in e_admm.params.values():
-            p.grad = None
+    def penalty_autograd():  # as train_epoch: penalty value + backward, accumulating into .grad
         e_admm.penalty().backward()
 
-    def masks():
+    def penalty_inplace():  # alternative: grad += rho * (W - (Z - U)), Z - U cached per W-step
+        with torch.no_grad():
+            for p, d in zip(w, zu):
+                p.grad.add_(p, alpha=rho).sub_(d, alpha=rho)
+
+    def masks_bool():  # as Engine.apply_masks
         e_rt.apply_masks()
+
+    def masks_float():
+        with torch.no_grad():
+            for n, m in float_masks.items():
+                e_rt.params[n].mul_(m)
 
     def zu_step():
         saved = (dict(e_admm.state.Z), dict(e_admm.state.U))
@@ -209,22 +252,26 @@ def pieces(e_admm: Engine, e_rt: Engine, batches: int, reps: int) -> dict[str, f
         e_admm.residual()
         e_admm.state.Z, e_admm.state.U = saved
 
-    out = {"penalty fwd+bwd (x batches)": [], "apply_masks (x batches)": [], "Z/U-step + residual": []}
-    out["evaluate (validation pass)"] = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            penalty_fb()
-        out["penalty fwd+bwd (x batches)"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            masks()
-        out["apply_masks (x batches)"].append(time.perf_counter() - t0)
-        out["Z/U-step + residual"].append(timed(zu_step))
-        out["evaluate (validation pass)"].append(timed(e_admm.evaluate))
-    for p in e_admm.params.values():
+    for p in w:
+        p.grad = torch.zeros_like(p)
+    per_batch = {
+        "penalty fwd+bwd, autograd (as train_epoch)": penalty_autograd,
+        "apply_masks, bool masks (as Engine.apply_masks)": masks_bool,
+        "alternative: penalty gradient added in place": penalty_inplace,
+        "alternative: apply_masks with float masks": masks_float,
+    }
+    calls: dict[str, list[float]] = {k: [] for k in per_batch}
+    for _ in range(reps * 10):
+        for k, fn in per_batch.items():
+            calls[k].append(timed(fn))
+    out = {k: statistics.median(v) * batches for k, v in calls.items()}
+    out["Z/U-step + residual (once per epoch)"] = statistics.median(timed(zu_step) for _ in range(reps))
+    out["evaluate (validation pass, once per epoch)"] = statistics.median(
+        timed(e_admm.evaluate) for _ in range(reps)
+    )
+    for p in w:
         p.grad = None
-    return {k: statistics.median(v) for k, v in out.items()}
+    return out
 
 
 def summarize(times: dict[str, list[float]]) -> list[tuple[str, float, float, float]]:
@@ -254,9 +301,18 @@ def main(argv=None) -> int:
         default=0,
         help="also time N whole Engine.train_epoch calls per mode, interleaved epoch by epoch (noisy)",
     )
+    ap.add_argument(
+        "--alternative",
+        action="store_true",
+        help=f"also time '{ALT}' (a cheaper penalty, not onnxadmm code) in the interleaved epochs",
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rate", type=float, default=20.0, help="pruning rate of the retraining masks")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        default="2,1",
+        help="comma-separated torch thread counts, each timed separately (default 2,1)",
+    )
     ap.add_argument("--quick", action="store_true", help="2,560 samples per epoch, 2 rounds")
     ap.add_argument(
         "--write", action="store_true", help=f"update the '{SECTION}' section of docs/benchmarks.md"
@@ -264,7 +320,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     samples = args.samples or (2560 if args.quick else 10000)
     rounds = args.rounds or (2 if args.quick else 5)
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     torch.manual_seed(0)
 
     proto = lenet5_onnx(LeNet5())
@@ -273,69 +329,89 @@ def main(argv=None) -> int:
     replica_diff = check_replica(proto, train, val, cfg, args.rate)
     if replica_diff > 0:
         raise SystemExit(f"the timed loop differs from Engine.train_epoch (max abs diff {replica_diff:.2e})")
-    runners = {m: Runner(m, make_engine(proto, train, val, cfg, args.rate), cfg.lr) for m in MODES}
     batches = -(-samples // args.batch)
     print(f"{src}; {batches} batches of {args.batch} per epoch; {rounds} rounds", flush=True)
 
-    # warm-up: a few batches of the real Engine.train_epoch per mode
-    for run in runners.values():
-        run.e.evaluate = lambda: {}
-        run.e.cfg = cfg.updated(max_batches_per_epoch=5)
-        run.train_epoch()
-        run.e.cfg = cfg
+    modes = MODES + ((ALT,) if args.alternative else ())
+    results = {}
+    for th in threads:
+        torch.set_num_threads(th)
+        runners = {m: Runner(m, make_engine(proto, train, val, cfg, args.rate), cfg.lr) for m in modes}
+        # warm-up: a few batches of the real Engine.train_epoch per mode
+        for run in runners.values():
+            run.e.evaluate = lambda: {}
+            run.e.cfg = cfg.updated(max_batches_per_epoch=5)
+            run.train_epoch()
+            run.e.cfg = cfg
 
-    epoch: dict[str, list[float]] = {m: [] for m in MODES}
-    steps: dict[str, list[float]] = {m: [] for m in MODES}
-    ends: dict[str, list[float]] = {m: [] for m in MODES}
-    for r in range(rounds):
-        res = interleaved_epoch(runners, r)
-        for m in MODES:
-            epoch[m].append(sum(res[m]["steps"]) + res[m]["end"])
-            steps[m] += res[m]["steps"]
-            ends[m].append(res[m]["end"])
-        print(f"round {r + 1}: " + ", ".join(f"{m} {epoch[m][-1]:.2f} s" for m in MODES), flush=True)
-    rows = summarize(epoch)
-    step_rows = {m: (med, ratio, paired) for m, med, ratio, paired in summarize(steps)}
-
-    whole_rows = None
-    if args.whole_epochs:
-        whole: dict[str, list[float]] = {m: [] for m in MODES}
-        for r in range(args.whole_epochs):
-            for m in MODES[r % 3 :] + MODES[: r % 3]:
-                whole[m].append(timed(runners[m].train_epoch))
+        epoch: dict[str, list[float]] = {m: [] for m in modes}
+        steps: dict[str, list[float]] = {m: [] for m in modes}
+        ends: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(rounds):
+            res = interleaved_epoch(runners, r)
+            for m in modes:
+                epoch[m].append(sum(res[m]["steps"]) + res[m]["end"])
+                steps[m] += res[m]["steps"]
+                ends[m].append(res[m]["end"])
             print(
-                f"whole epoch {r + 1}: " + ", ".join(f"{m} {whole[m][-1]:.2f} s" for m in MODES), flush=True
+                f"{th} thread(s), round {r + 1}: " + ", ".join(f"{m} {epoch[m][-1]:.2f} s" for m in modes),
+                flush=True,
             )
-        whole_rows = summarize(whole)
-
-    e_admm = runners["ADMM W-step"].e
-    del e_admm.evaluate  # back to the real method
-    parts = pieces(e_admm, runners["masked retrain"].e, batches, reps=3)
+        whole_rows = None
+        if args.whole_epochs:
+            whole: dict[str, list[float]] = {m: [] for m in modes}
+            for r in range(args.whole_epochs):
+                for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                    whole[m].append(timed(runners[m].train_epoch))
+                print(
+                    f"{th} thread(s), whole epoch {r + 1}: "
+                    + ", ".join(f"{m} {whole[m][-1]:.2f} s" for m in modes),
+                    flush=True,
+                )
+            whole_rows = summarize(whole)
+        e_admm = runners["ADMM W-step"].e
+        del e_admm.evaluate  # back to the real method
+        results[th] = {
+            "rows": summarize(epoch),
+            "steps": {m: (med, ratio, paired) for m, med, ratio, paired in summarize(steps)},
+            "ends": {m: statistics.median(v) for m, v in ends.items()},
+            "whole": whole_rows,
+            "pieces": pieces(e_admm, runners["masked retrain"].e, batches, reps=3),
+        }
 
     lines = [
-        "| mode | s/epoch (median) | ratio (medians) | ratio (paired epochs) "
+        "| threads | mode | s/epoch (median) | ratio (medians) | ratio (paired epochs) "
         "| ms/batch (median) | ratio (batch medians) | ratio (paired batches) | epoch end, s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for m, med, ratio, paired in rows:
-        smed, sratio, spaired = step_rows[m]
-        lines.append(
-            f"| {m} | {med:.2f} | {ratio:.3f} | {paired:.3f} | {smed * 1e3:.1f} | {sratio:.3f} "
-            f"| {spaired:.3f} | {statistics.median(ends[m]):.3f} |"
-        )
+    for th, res in results.items():
+        for m, med, ratio, paired in res["rows"]:
+            smed, sratio, spaired = res["steps"][m]
+            lines.append(
+                f"| {th} | {m} | {med:.2f} | {ratio:.3f} | {paired:.3f} | {smed * 1e3:.1f} | {sratio:.3f} "
+                f"| {spaired:.3f} | {res['ends'][m]:.3f} |"
+            )
     table = "\n".join(lines)
     wtable = ""
-    if whole_rows:
+    if args.whole_epochs:
         wl = [
-            "| mode (whole Engine.train_epoch) | s/epoch (median) | ratio (medians) | ratio (paired) |",
-            "| --- | ---: | ---: | ---: |",
+            "| threads | mode (whole Engine.train_epoch) | s/epoch (median) | ratio (medians) | ratio (paired) |",
+            "| ---: | --- | ---: | ---: | ---: |",
         ]
-        wl += [f"| {m} | {med:.2f} | {ratio:.3f} | {paired:.3f} |" for m, med, ratio, paired in whole_rows]
+        for th, res in results.items():
+            wl += [
+                f"| {th} | {m} | {med:.2f} | {ratio:.3f} | {paired:.3f} |"
+                for m, med, ratio, paired in res["whole"]
+            ]
         wtable = "\n".join(wl)
-    base = rows[0][1]
-    plines = ["| piece (per epoch) | s | share of a fine-tune epoch |", "| --- | ---: | ---: |"]
-    for k, v in parts.items():
-        plines.append(f"| {k} | {v:.3f} | {v / base:.1%} |")
+    plines = [
+        "| threads | piece (per epoch) | s | share of a fine-tune epoch |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for th, res in results.items():
+        base = res["rows"][0][1]
+        for k, v in res["pieces"].items():
+            plines.append(f"| {th} | {k} | {v:.3f} | {v / base:.1%} |")
     ptable = "\n".join(plines)
     print()
     print(table)
@@ -349,9 +425,13 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/bench_compress_overhead.py" + "".join(
             f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
         )
-        verdict = ", ".join(
-            f"{m} {ratio:.2f}x ({'within' if ratio <= TARGET else 'above'} the {TARGET}x target)"
-            for m, _, ratio, _ in rows[1:]
+        verdict = "; ".join(
+            f"{th} thread(s): "
+            + ", ".join(
+                f"{m} {ratio:.2f}x ({'within' if ratio <= TARGET else 'above'} the {TARGET}x target)"
+                for m, _, ratio, _ in res["rows"][1:3]
+            )
+            for th, res in results.items()
         )
         whole_text = (
             f"""
@@ -361,6 +441,14 @@ changes within an epoch make these noisier):
 {wtable}
 """
             if wtable
+            else ""
+        )
+        alt_text = (
+            f"""- {ALT} (with `--alternative`; not onnxadmm code): the same W-step with the
+  penalty's gradient rho (W - (Z - U)) added in place to `.grad` after `loss.backward()` (Z - U
+  cached once per W-step), instead of autograd through the penalty's value. Same update, fewer ops.
+"""
+            if args.alternative
             else ""
         )
         body = f"""Time per training epoch of onnxadmm's ADMM W-step and of masked retraining versus plain
@@ -374,19 +462,27 @@ Data: {src}, {batches} batches per epoch.
   projection), U-step and residual ("epoch end" column).
 - masked retrain: one batch of `Engine.train_epoch` on a `retrain` unit after `hard_prune` to
   {args.rate:g}x: the plain loss, masks re-applied after every optimizer step.
-
-The three modes run batch by batch in turn (order rotated every batch), so that they share the
+{alt_text}
+The modes run batch by batch in turn (order rotated every batch), so that they share the
 machine's load; the per-batch code is `Engine.train_epoch`'s loop body, checked before timing to
 give bit-identical weights (and Z, U) to `Engine.train_epoch` after 3 batches. An epoch's time is
 the sum of its batches plus its end. The validation pass that ends `Engine.train_epoch` (same for
 any loop that validates) is left out and timed separately below. {rounds} epochs per mode;
 medians; "paired" is the median over epochs (or batches) of mode/fine-tune. Target: ratio <= {TARGET}.
+One block of rows per `torch.set_num_threads` value ({", ".join(map(str, threads))}). On this shared
+2-core machine 2 threads are much slower than 1: every parallel op waits until both of its threads
+get a core while other jobs hold them, so at 2 threads the cost of a piece grows with its number of
+ops more than with its arithmetic, which penalizes the penalty's many elementwise ops.
 
 {table}
 
 Result: {verdict}.
 {whole_text}
-Cost of the pieces that plain fine-tuning does not have, per epoch (timed alone, medians of 3):
+Cost of the pieces that plain fine-tuning does not have, per epoch, each timed alone (per-batch
+pieces: median of 30 interleaved calls x {batches} batches; per-epoch pieces: median of 3). The two
+"alternative" rows are not onnxadmm code: they time cheaper ways to do the same work, the penalty's
+gradient rho (W - (Z - U)) added in place to `.grad` without autograd (Z - U fixed during a
+W-step), and masks kept as float tensors instead of bool.
 
 {ptable}
 

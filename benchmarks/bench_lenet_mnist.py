@@ -30,7 +30,7 @@ import argparse
 import hashlib
 import json
 import math
-import platform
+import os
 import re
 import shlex
 import sys
@@ -365,7 +365,7 @@ def fmt_rate(r: float) -> str:
     return f"{r:g}x"
 
 
-def section_text(rows, dense: dict, command: str, overrides: dict, env: str) -> str:
+def section_text(rows, dense: dict, commands: list[str], overrides: dict, envs: list[str]) -> str:
     lines = [f"## {SECTION}", ""]
     lines += [
         "LeNet-5 as in the ADMM papers (Caffe's `lenet`): conv 1->20 5x5, maxpool 2, conv 20->50 5x5, maxpool 2, "
@@ -392,7 +392,9 @@ def section_text(rows, dense: dict, command: str, overrides: dict, env: str) -> 
         "lr 1e-3), the rest fine-tune at the final sparsity (Adam 5e-4, cosine to 0); exported to ONNX "
         "the same way.",
         "Accuracy: onnxruntime (CPU) on the 10,000 MNIST test images. Wall time: the whole compress call "
-        "(import, training, export, onnxruntime validation) or the whole baseline, " + env + ".",
+        "(import, training, export, onnxruntime validation) or the whole baseline; "
+        + "; ".join(sorted(set(envs)))
+        + ".",
         "",
         "| method | rate | accuracy | epochs | wall time |",
         "|---|---|---|---|---|",
@@ -402,7 +404,11 @@ def section_text(rows, dense: dict, command: str, overrides: dict, env: str) -> 
             f"| {r['method']} | {fmt_rate(r['rate'])} (achieved {r['achieved_rate']:.1f}x) | "
             f"{r['accuracy']:.2%} | {r['epochs']:g} | {r['seconds'] / 60:.1f} min |"
         )
-    lines += ["", "Produced by:", "", "```", command, "```", ""]
+    lines += ["", "Produced by" + (" (in parallel, then merged):" if len(commands) > 1 else ":"), "", "```"]
+    lines += commands
+    if len(commands) > 1:
+        lines.append("python benchmarks/bench_lenet_mnist.py --merge <the --json files> --write")
+    lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -422,6 +428,8 @@ def write_docs(text: str) -> None:
 
 
 def parse_value(v: str):
+    if v[:1] in "{[":
+        return json.loads(v)
     for cast in (int, float):
         try:
             return cast(v)
@@ -445,9 +453,20 @@ def main(argv=None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="compress() config override"
     )
     ap.add_argument("--json", type=Path, help="write the result rows here")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads [1: faster than 2 on a shared 2-core machine]")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads [1: faster than 2 on a shared 2-core machine]"
+    )
     ap.add_argument("--verbose", action="store_true", help="compress progress output")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: combine the --json files of earlier runs (e.g. rates run in parallel) into one table",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.write)
 
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -493,15 +512,44 @@ def main(argv=None) -> int:
             f"| {r['method']} | {fmt_rate(r['rate'])} ({r['achieved_rate']:.1f}x) | {r['accuracy']:.4f} | "
             f"{r['epochs']:g} | {r['seconds']:.0f} s |"
         )
+    env = (
+        f"torch {torch.__version__} on {args.threads} CPU thread(s) of a {os.cpu_count()}-core machine "
+        f"shared with other jobs (load average {os.getloadavg()[1]:.1f} at the end of the run)"
+    )
+    result = {"dense": dense, "overrides": overrides, "rows": rows, "command": command.strip(), "env": env}
     if args.json:
-        args.json.write_text(json.dumps({"dense": dense, "overrides": overrides, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
     if args.write:
         if args.quick:
             log("--write ignored with --quick")
         else:
-            env = f"{args.threads} CPU threads ({platform.processor() or platform.machine()}), torch {torch.__version__}"
-            write_docs(section_text(rows, dense, command.strip(), overrides, env))
+            write_docs(section_text(rows, dense, [command.strip()], overrides, [env]))
             log(f"updated the '{SECTION}' section of {DOCS.relative_to(ROOT)}")
+    return 0
+
+
+def merge(paths: list[Path], write: bool) -> int:
+    """One table from several --json results made with the same dense model and settings."""
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for p, r in zip(paths[1:], results[1:]):
+        if r["overrides"] != first["overrides"] or r["dense"]["settings"] != first["dense"]["settings"]:
+            raise SystemExit(f"{p}: made with other settings or another dense model than {paths[0]}")
+    rows = sorted((row for r in results for row in r["rows"]), key=lambda x: (x["rate"], x["method"]))
+    for r in rows:
+        print(
+            f"| {r['method']} | {fmt_rate(r['rate'])} | {r['accuracy']:.4f} | {r['epochs']:g} | {r['seconds']:.0f} s |"
+        )
+    if write:
+        text = section_text(
+            rows,
+            first["dense"],
+            [r["command"] for r in results],
+            first["overrides"],
+            [r["env"] for r in results],
+        )
+        write_docs(text)
+        print(f"updated the '{SECTION}' section of {DOCS.relative_to(ROOT)}")
     return 0
 
 

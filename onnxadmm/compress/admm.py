@@ -191,8 +191,13 @@ class Engine:
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == total:
                 post = {"loss": f"{run_loss / seen:.4f}"}
+                last = self.state.history[-1] if self.state.history else {}
+                if last.get("val_accuracy") is not None:
+                    post["val_acc"] = f"{last['val_accuracy']:.4f}"
                 if admm:
                     post["rho"] = f"{self.state.rho:.2g}"
+                    if "residual" in last:
+                        post["residual"] = f"{last['residual']:.3f}"
                 bar.set_postfix(post)
         if bar is not None:
             bar.close()
