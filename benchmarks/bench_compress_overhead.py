@@ -476,7 +476,13 @@ ops more than with its arithmetic, which penalizes the penalty's many elementwis
 
 {table}
 
-Result: {verdict}.
+Result (ratio of the medians): {verdict}.
+
+Reading the tables: the W-step's extra cost per batch is the penalty, computed as a value and
+differentiated by autograd (per weight tensor: sub, add, pow, sum and scale forward; pow backward and
+gradient accumulation backward, over the 430,500 LeNet-5 weights). The "alt." row does the same
+update with two in-place ops per tensor; masked retraining's extra cost is `apply_masks`, which
+multiplies by bool masks (a dtype conversion per tensor and step).
 {whole_text}
 Cost of the pieces that plain fine-tuning does not have, per epoch, each timed alone (per-batch
 pieces: median of 30 interleaved calls x {batches} batches; per-epoch pieces: median of 3). The two

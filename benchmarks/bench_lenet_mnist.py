@@ -251,10 +251,37 @@ def admm_epochs(cfg: dict, n_steps: int, n_train: int) -> float:
     return n_steps * per_step / per_epoch
 
 
+CONV_WEIGHTS = ("conv1.weight", "conv2.weight")
+SIZES = {"conv1.weight": 500, "conv2.weight": 25000, "fc1.weight": 400000, "fc2.weight": 5000}
+
+
+def conv_boost_rates(rate: float, boost: float) -> dict[str, float]:
+    """Per-layer rates from the library's sqrt rule with Conv weights given ``boost`` times the share:
+    keep_i = min(n_i, c * b_i * sqrt(n_i)), b_i = ``boost`` for Conv and 1 for Gemm, c solved so
+    that the overall rate is ``rate``. (A candidate for onnxadmm.compress.pruning.allocate.)"""
+    budget = sum(SIZES.values()) / rate
+
+    def kept(c):
+        return {
+            n: min(n_sz, max(1.0, c * (boost if n in CONV_WEIGHTS else 1.0) * math.sqrt(n_sz)))
+            for n, n_sz in SIZES.items()
+        }
+
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if sum(kept(mid).values()) > budget else (mid, hi)
+    return {n: SIZES[n] / max(1, round(k)) for n, k in kept(lo).items()}
+
+
 def run_admm(model: Path, rate: float, data, overrides: dict, workdir: Path, quiet: bool, log) -> dict:
     from onnxadmm.compress.pipeline import compress
 
     xt, yt, xv, yv = data
+    overrides = dict(overrides)
+    boost = overrides.pop("conv_boost", None)
+    if boost:
+        overrides["layer_rates"] = conv_boost_rates(rate, float(boost))
     out = workdir / f"lenet5_admm_{rate:g}x.onnx"
     t0 = time.perf_counter()
     rep = compress(
@@ -385,12 +412,22 @@ def section_text(rows, dense: dict, commands: list[str], overrides: dict, envs: 
             else ", with these settings changed from the defaults: "
             + ", ".join(f"`{k}={v}`" for k, v in overrides.items())
             + "."
+        )
+        + (
+            f" `conv_boost={overrides['conv_boost']}` is this script's stand-in for another allocation rule: "
+            "per-layer rates (`layer_rates`) computed per target as the library's rule "
+            "keep_i = min(n_i, c * sqrt(n_i)) with the Conv layers' share multiplied by "
+            f"{overrides['conv_boost']} (see `conv_boost_rates`)."
+            if overrides.get("conv_boost")
+            else ""
         ),
+        "",
         "Baseline: iterative global magnitude pruning (`torch.nn.utils.prune.global_unstructured`, L1) "
         "with fine-tuning on the native torch model, given the same number of training epochs as ADMM at "
         "that rate: 60% of the epochs prune (one round per epoch, kept fraction falling geometrically, Adam "
         "lr 1e-3), the rest fine-tune at the final sparsity (Adam 5e-4, cosine to 0); exported to ONNX "
         "the same way.",
+        "",
         "Accuracy: onnxruntime (CPU) on the 10,000 MNIST test images. Wall time: the whole compress call "
         "(import, training, export, onnxruntime validation) or the whole baseline; "
         + "; ".join(sorted(set(envs)))
@@ -488,7 +525,12 @@ def main(argv=None) -> int:
 
     from onnxadmm.compress.config import CompressConfig
 
-    cfg = CompressConfig().updated(**run_overrides).validate().to_dict()
+    cfg = (
+        CompressConfig()
+        .updated(**{k: v for k, v in run_overrides.items() if k != "conv_boost"})
+        .validate()
+        .to_dict()
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_lenet_") as tmp:
         workdir = Path(tmp)

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
                     rate=rate,
                     quiet=True,
                     data_options=conv,
+                    **overrides,
                 )
                 secs = time.perf_counter() - t0
             acc = rep["accuracy"]

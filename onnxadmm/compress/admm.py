@@ -136,6 +136,19 @@ class Engine:
             total = total + (self.params[n] - st.Z[n] + st.U[n]).pow(2).sum()
         return 0.5 * st.rho * total
 
+    def add_penalty_grad(self):
+        """Add the gradient of the penalty, rho * (W - Z + U), to each weight's gradient in place
+        (the same update as differentiating :meth:`penalty`, without building its graph)."""
+        st = self.state
+        with torch.no_grad():
+            for n in self.names:
+                p = self.params[n]
+                term = p.detach() - st.Z[n] + st.U[n]
+                if p.grad is None:
+                    p.grad = term.mul_(st.rho)
+                else:
+                    p.grad.add_(term, alpha=st.rho)
+
     def z_step(self, step: int):
         st = self.state
         with torch.no_grad():
@@ -180,8 +193,9 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
             outs = self._outs(xs)
             loss = loss_fn(self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature)
-            total_loss = loss + self.penalty() if admm else loss
-            total_loss.backward()
+            loss.backward()
+            if admm:
+                self.add_penalty_grad()
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()

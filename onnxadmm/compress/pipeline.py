@@ -315,9 +315,21 @@ def compress(
 
 def _extract(src: Path, dst: Path, inputs: list[str], outputs: list[str]) -> None:
     """A copy of ``src`` reduced to what computes ``outputs`` from ``inputs`` (weights unchanged)."""
-    import onnx.utils
-
-    onnx.utils.extract_model(str(src), str(dst), inputs, outputs, check_model=False)
+    m = load_model(src)
+    g = m.graph
+    keep = analysis.needed_nodes(g, outputs)
+    known = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    new_outputs = [
+        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs
+    ]
+    new_inputs = [vi for vi in g.input if vi.name in inputs or vi.name in {t.name for t in g.initializer}]
+    del g.node[:]
+    g.node.extend(keep)
+    del g.output[:]
+    g.output.extend(new_outputs)
+    del g.input[:]
+    g.input.extend(new_inputs)
+    save_model(m, dst)
 
 
 def _json_default(o):
