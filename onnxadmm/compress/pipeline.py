@@ -124,13 +124,13 @@ def compress(
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
+    if not any(w.compressible for w in analysis.find_weights(proto)):
+        raise NothingToCompressError(
+            f"nothing to compress in {in_path}: no float weights feed Conv/ConvTranspose/Gemm/MatMul"
+        )
     heads = training_heads(proto)
     module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
     weights = module.compressible_weights()
-    if not weights:
-        raise NothingToCompressError(
-            f"nothing to compress in {in_path}: no float weights feed Conv/Gemm/MatMul"
-        )
     sizes = {w.name: w.params for w in weights}
     unknown = [n for n in cfg.layer_rates if n not in sizes]
     unmatched = [p for p in cfg.exclude if not any(matches(n, [p]) for n in sizes)]
@@ -167,7 +167,7 @@ def compress(
         }
         for s in range(len(steps))
     ]
-    rates = steps[:-1] + [cfg.rate]  # nominal step rates (labels, report); the counts above are exact
+    rates = steps  # nominal step rates (labels, report); the kept counts above are exact
     units = plan(cfg, len(rates))
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet)
     meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
