@@ -144,7 +144,26 @@ def _defaults():
 @click.argument("output")
 @click.option(
     "--rate",
-    help="Overall pruning rate over compressible weights: 20x (keep 5%), 20, or 95% sparsity. [default: 20x]",
+    help="Overall pruning rate over compressible weights: 20x (keep 5%), 20, or 95% sparsity. "
+    "[default: 20x; none (1x) with --bits or --clusters alone]",
+)
+@click.option(
+    "--bits",
+    type=click.IntRange(1, 8),
+    help="Quantize the (remaining) weights to N-bit uniform levels with ADMM; 1 binarizes to {-q, +q}.",
+)
+@click.option(
+    "--clusters", type=click.IntRange(2, 256), help="Share at most K values per layer (ADMM k-means clustering)."
+)
+@click.option(
+    "--granularity",
+    type=click.Choice(["tensor", "channel"]),
+    help="One quantization step per layer or per output channel. [default: tensor]",
+)
+@click.option(
+    "--edge-bits",
+    type=click.IntRange(1, 8),
+    help="Bits for the first and last compressible layers (default: the same as --bits).",
 )
 @click.option(
     "--data",
@@ -161,10 +180,13 @@ def _defaults():
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "dense", "sparse"]),
+    type=click.Choice(["auto", "dense", "sparse", "codebook", "int8"]),
     default="auto",
     show_default=True,
-    help="Weight storage: auto picks sparse initializers per tensor where they are smaller.",
+    help="Weight storage. auto: the smallest file (quantized layers as packed codes + codebook, "
+    "decoded by standard ops at load; pruned float layers as sparse initializers where smaller); "
+    "dense: plain float tensors; sparse: ONNX sparse initializers; codebook: packed codes; "
+    "int8: integer kernels (QDQ, needs --bits 8).",
 )
 @click.option(
     "--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT with .report.json]."
@@ -192,7 +214,9 @@ def _defaults():
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help=f"[default: {_defaults().optimizer}]")
 @click.option("--lr", type=float, help=f"W-step learning rate. [default: {_defaults().lr}]")
 @click.option(
-    "--retrain-lr", type=float, help=f"Masked retraining learning rate. [default: {_defaults().retrain_lr}]"
+    "--retrain-lr",
+    type=float,
+    help=f"Masked retraining learning rate (cosine decay to 0 per step). [default: {_defaults().retrain_lr}]",
 )
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(
@@ -247,7 +271,7 @@ def compress(
     progressive,
     **knobs,
 ):
-    """Prune MODEL with ADMM and write OUTPUT, validated in onnxruntime.
+    """Prune and/or quantize MODEL with ADMM and write OUTPUT, validated in onnxruntime.
 
     Example: onnxadmm compress models/digits_cnn.onnx out.onnx --rate 20x --data digits
     """
@@ -322,6 +346,30 @@ def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale,
     provs = tuple(p.strip() for p in providers.split(",") if p.strip())
     d = evaluate_model(model, ds, reference=reference, providers=provs, batch_sizes=sizes, runs=runs)
     _emit_json(d) if as_json else click.echo(format_evaluation(d))
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--reference", type=click.Path(dir_okay=False), help="Original model, for the whole-file ratio."
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write per-layer density and bits as a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def report(model, reference, plot, as_json):
+    """Storage of the compressible weights: per layer and in total, parameters, non-zeros, bits per
+    value, bytes of values, positions and codebooks/scales, in the file and by Deep Compression's count.
+
+    Example: onnxadmm report out.onnx --reference models/digits_cnn.onnx
+    """
+    from onnxadmm.modelio import load_model
+    from onnxadmm.validate.storage_report import format_storage_report, plot_storage, storage_report
+
+    if reference:
+        load_model(reference)  # a clear error for a missing or broken reference
+    rep = storage_report(model, reference=reference)
+    if plot:
+        rep["plot"] = str(plot_storage(rep, plot))
+    _emit_json(rep) if as_json else click.echo(format_storage_report(rep))
 
 
 def main(argv=None):

@@ -469,7 +469,10 @@ def test_engine_hard_prune_keeps_masks():
     for n in e.names:
         w = e.params[n].detach()
         assert int((w != 0).sum()) <= e.keep[0][n]
-        assert bool((w[~e.state.masks[n]] == 0).all())
+        if e.keep[0][n] < w.numel():
+            assert bool((w[~e.state.masks[n]] == 0).all())
+        else:  # a layer the allocation keeps dense gets no mask
+            assert n not in e.state.masks
 
 
 def test_engine_batches_cover_the_data():

@@ -32,6 +32,25 @@ def plan(cfg: CompressConfig, n_steps: int) -> list[Unit]:
     return units
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """The value set of one layer in a quantization step: ``bits`` uniform levels (1: binary {-q, +q})
+    or ``clusters`` k-means centroids; ``axis`` None for one step/codebook per tensor, else per slice."""
+
+    bits: int | None = None
+    clusters: int | None = None
+    axis: int | None = None
+
+    def project(self, w: torch.Tensor, mask: torch.Tensor | None):
+        from .quantize import binarize, cluster, quantize_uniform
+
+        if self.clusters:
+            return cluster(w, self.clusters, mask=mask)
+        if self.bits == 1:
+            return binarize(w, mask=mask, axis=self.axis)
+        return quantize_uniform(w, self.bits, mask=mask, axis=self.axis)
+
+
 @dataclass
 class State:
     """Everything a checkpoint holds besides the module's parameters."""
@@ -41,6 +60,8 @@ class State:
     Z: dict = field(default_factory=dict)
     U: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)  # onnx name -> bool tensor (pruned weights stay pruned)
+    grids: dict = field(default_factory=dict)  # onnx name -> frozen quantize.Grid (quantization retraining)
+    codes: dict = field(default_factory=dict)  # onnx name -> frozen cluster codes (centroids move jointly)
     history: list = field(default_factory=list)
     steps: int = 0  # optimizer steps taken
     optimizer: dict | None = None
@@ -58,9 +79,12 @@ class Engine:
         keep: list[dict[str, int]],
         log: Callable[[str], None],
         quiet: bool = False,
+        quant: list[dict[str, QuantSpec] | None] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
+        # quant[s]: per-layer value sets of step s (None: a pruning step)
+        self.quant = list(quant) if quant is not None else [None] * len(keep)
         self.device = torch.device(cfg.device)
         self.names = list(keep[0])
         self.params = {n: module.parameter_for(n) for n in self.names}
@@ -103,13 +127,17 @@ class Engine:
             return {"val_accuracy": None}
         self.m.eval()
         correct, count = 0, 0
-        with torch.no_grad():
-            for i in range(0, len(self.val), 512):
-                idx = np.arange(i, min(i + 512, len(self.val)))
-                xs, y = self._tensors(self.val, idx)
-                outs = self._outs(xs)
-                correct += int((predictions(self.heads[0], outs[0]) == label_indices(y)).sum())
-                count += len(idx)
+        shadows = self.swap_in_quantized()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.val), 512):
+                    idx = np.arange(i, min(i + 512, len(self.val)))
+                    xs, y = self._tensors(self.val, idx)
+                    outs = self._outs(xs)
+                    correct += int((predictions(self.heads[0], outs[0]) == label_indices(y)).sum())
+                    count += len(idx)
+        finally:
+            self.restore(shadows)
         self.m.train()
         return {"val_accuracy": correct / max(count, 1)}
 
@@ -149,12 +177,26 @@ class Engine:
                 else:
                     p.grad.add_(term, alpha=st.rho)
 
+    def project(self, n: str, w: torch.Tensor, step: int) -> torch.Tensor:
+        """Euclidean projection of ``w`` onto layer ``n``'s set at ``step``: the support first (the
+        kept count inside the existing mask), then, in a quantization step, the levels on it."""
+        keep = self.keep[step][n]
+        z = project(w, keep, self.state.masks.get(n))
+        spec = (self.quant[step] or {}).get(n)
+        if spec is not None:
+            support = None
+            if keep < w.numel() or n in self.state.masks:
+                support = topk_mask(w, keep, self.state.masks.get(n))
+            z, _ = spec.project(z, support)
+            z = z.to(w.dtype)
+        return z
+
     def z_step(self, step: int):
         st = self.state
         with torch.no_grad():
             for n in self.names:
                 w = self.params[n]
-                st.Z[n] = project(w + st.U[n], self.keep[step][n], st.masks.get(n))
+                st.Z[n] = self.project(n, w + st.U[n], step)
                 st.U[n] = st.U[n] + w - st.Z[n]
 
     def residual(self) -> float:
@@ -169,15 +211,69 @@ class Engine:
         st.rho = self.cfg.rho
         with torch.no_grad():
             for n in self.names:
-                st.Z[n] = project(self.params[n].detach().clone(), self.keep[step][n], st.masks.get(n))
+                st.Z[n] = self.project(n, self.params[n].detach().clone(), step)
                 st.U[n] = torch.zeros_like(st.Z[n])
 
     def hard_prune(self, step: int):
+        """Masked mapping: fix the support (and, in a quantization step, the levels) for retraining."""
+        st = self.state
         with torch.no_grad():
             for n in self.names:
-                self.state.masks[n] = topk_mask(self.params[n], self.keep[step][n], self.state.masks.get(n))
+                if self.keep[step][n] < self.params[n].numel() or n in st.masks:
+                    st.masks[n] = topk_mask(self.params[n], self.keep[step][n], st.masks.get(n))
+            self.apply_masks()
+            for n, spec in (self.quant[step] or {}).items():
+                w = self.params[n]
+                wq, grid = spec.project(w.detach(), st.masks.get(n))
+                st.grids[n] = grid
+                if spec.clusters:
+                    from .quantize import grid_codes
+
+                    st.codes[n] = grid_codes(wq, grid, st.masks.get(n))
+        st.Z, st.U = {}, {}
+
+    # ---- quantized retraining: a float shadow is trained, the forward pass sees its projection ----
+    def quantized(self, n: str, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the shadow) mapped onto layer ``n``'s frozen value set. Uniform and binary levels keep
+        their step and re-round every time; clusters keep their assignment and each centroid becomes the
+        mean of its members' shadows, so a weight's gradient moves its centroid (joint update)."""
+        from .quantize import Grid, apply_codebook, project_to_grid
+
+        st = self.state
+        grid = st.grids[n]
+        mask = st.masks.get(n)
+        if n in st.codes:
+            codes = st.codes[n]  # -1: not coded (pruned or exact zero)
+            flat = codes.flatten()
+            sel = flat >= 0
+            k = grid.codebook.shape[1]
+            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, flat[sel], w.detach().flatten()[sel].double())
+            counts = torch.bincount(flat[sel], minlength=k).double()
+            book = torch.where(counts > 0, sums / counts.clamp(min=1), grid.codebook[0].double()).float()
+            st.grids[n] = Grid(book[None], None, grid.kind, grid.bits)
+            return apply_codebook(st.grids[n], codes).to(w.dtype)
+        return project_to_grid(w, grid, mask).to(w.dtype)
+
+    def swap_in_quantized(self) -> dict:
+        """Put the quantized weights into the parameters; returns the shadows to restore."""
+        shadows = {}
+        with torch.no_grad():
+            for n in self.state.grids:
+                p = self.params[n]
+                shadows[n] = p.detach().clone()
+                p.copy_(self.quantized(n, shadows[n]))
+        return shadows
+
+    def restore(self, shadows: dict):
+        with torch.no_grad():
+            for n, w in shadows.items():
+                self.params[n].copy_(w)
+
+    def finalize(self):
+        """Exact final weights: masks applied and, after quantization, the values on their grids."""
         self.apply_masks()
-        self.state.Z, self.state.U = {}, {}
+        if self.state.grids:
+            self.swap_in_quantized()
 
     def train_epoch(self, unit: Unit, optimizer, desc: str) -> dict:
         from tqdm import tqdm
@@ -187,13 +283,23 @@ class Engine:
         bar = None
         run_loss, seen = 0.0, 0
         self.m.train()
+        n_units = max(1, math.ceil(self.cfg.retrain_epochs))
+        cosine = not admm and self.cfg.retrain_schedule == "cosine"
         for xs, y, t, total in self.batches(epochs):
             if bar is None:
                 bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+            if cosine:  # lr from the position in this step's retraining (stateless: resume-safe)
+                progress = (unit.index + bar.n / total) / n_units
+                for g in optimizer.param_groups:
+                    g["lr"] = self.cfg.retrain_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
             optimizer.zero_grad(set_to_none=True)
-            outs = self._outs(xs)
-            loss = loss_fn(self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature)
-            loss.backward()
+            shadows = self.swap_in_quantized() if self.state.grids else {}
+            try:  # straight-through: the gradient at the quantized weights updates the shadows
+                outs = self._outs(xs)
+                loss = loss_fn(self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature)
+                loss.backward()
+            finally:
+                self.restore(shadows)
             if admm:
                 self.add_penalty_grad()
             optimizer.step()
@@ -234,6 +340,8 @@ class Engine:
             "Z": st.Z,
             "U": st.U,
             "masks": st.masks,
+            "grids": st.grids,
+            "codes": st.codes,
             "history": st.history,
             "steps": st.steps,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -249,6 +357,7 @@ class Engine:
         st = self.state
         st.unit, st.rho = blob["unit"], blob["rho"]
         st.Z, st.U, st.masks, st.history = blob["Z"], blob["U"], blob["masks"], blob["history"]
+        st.grids, st.codes = blob.get("grids", {}), blob.get("codes", {})
         st.optimizer = blob["optimizer"]
         st.steps = blob["steps"]
         self.rng.bit_generator.state = blob["rng"]

@@ -38,7 +38,11 @@ def parse_rate(text) -> float:
 class CompressConfig:
     """Defaults suit small CNN/MLP classifiers on a CPU; every field can be set from --config."""
 
-    rate: float = 20.0  # overall pruning rate over compressible weights
+    rate: float | None = None  # overall pruning rate over compressible weights [20x; 1x when quantizing]
+    bits: int | None = None  # quantize the (remaining) weights to this many bits; 1 = binarize {-q, +q}
+    clusters: int | None = None  # or share at most this many values per layer (k-means centroids)
+    granularity: str = "tensor"  # tensor | channel: one quantization step per layer or per output channel
+    edge_bits: int | None = None  # bits for the first and last compressible layers (None: as --bits)
     layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates
     exclude: list = field(default_factory=list)  # weight names or glob patterns left dense
     progressive: bool = True  # reach high rates in steps
@@ -52,6 +56,7 @@ class CompressConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 5e-4  # masked retraining learning rate
+    retrain_schedule: str = "cosine"  # cosine (decay to 0 over each step's retraining) | constant
     momentum: float = 0.9  # sgd only
     batch_size: int = 128
     distill: float = 0.0  # weight of distillation from the original when labels exist (0: labels only)
@@ -62,11 +67,31 @@ class CompressConfig:
     min_batches: int = 200  # floor on optimizer steps per ADMM iteration / retraining epoch (small datasets)
     max_batches_per_epoch: int | None = None  # cap for quick runs
 
+    @property
+    def quantizing(self) -> bool:
+        return bool(self.bits or self.clusters)
+
     def validate(self) -> CompressConfig:
+        if self.rate is None:
+            self.rate = 1.0 if (self.bits or self.clusters) else 20.0
         self.rate = parse_rate(self.rate)
+        if self.bits is not None and self.clusters is not None:
+            raise ConfigError("bits and clusters are alternatives: give one of them")
+        for name in ("bits", "edge_bits"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or int(v) != v or not 1 <= int(v) <= 8):
+                raise ConfigError(f"{name} {v!r}: expected a whole number of bits from 1 to 8")
+        if self.edge_bits is not None and not self.quantizing:
+            raise ConfigError("edge_bits needs bits or clusters")
+        if self.clusters is not None and (int(self.clusters) != self.clusters or not 2 <= self.clusters <= 256):
+            raise ConfigError(f"clusters {self.clusters!r}: expected a whole number from 2 to 256")
+        if self.granularity not in ("tensor", "channel"):
+            raise ConfigError(f"granularity {self.granularity!r}: expected tensor or channel")
         self.layer_rates = {k: parse_rate(v) for k, v in dict(self.layer_rates).items()}
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer {self.optimizer!r}: expected adam or sgd")
+        if self.retrain_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"retrain_schedule {self.retrain_schedule!r}: expected cosine or constant")
         for name in ("step_factor", "rho", "rho_multiplier", "rho_max", "lr", "retrain_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -26,7 +26,7 @@ from .config import CompressConfig
 from .objective import training_heads
 from .pruning import allocate, matches, progressive_rates
 
-FORMATS = ("auto", "dense", "sparse")
+FORMATS = ("auto", "dense", "sparse", "codebook", "int8")
 
 
 def _gather(data, specs, data_options) -> Dataset:
@@ -112,6 +112,10 @@ def compress(
     cfg = (config or CompressConfig()).updated(**overrides).validate()
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "int8" and (cfg.bits != 8 or cfg.edge_bits not in (None, 8)):
+        raise ConfigError("--format int8 needs --bits 8 (integer kernels run 8-bit weights)")
+    if fmt == "codebook" and not cfg.quantizing:
+        raise ConfigError("--format codebook needs quantized weights (--bits or --clusters)")
     in_path = Path(model)
     out_path = Path(output)
     proto = load_model(in_path)
@@ -158,7 +162,10 @@ def compress(
         teacher = _teacher_outputs(module, train, device)
 
     final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude)
-    steps = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
+    pruning = any(final[n] < sizes[n] for n in sizes)
+    steps = []
+    if pruning or not cfg.quantizing:
+        steps = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
     # progressive steps: each layer's kept count moves geometrically from dense to its final count
     keep = [
         {
@@ -167,9 +174,16 @@ def compress(
         }
         for s in range(len(steps))
     ]
-    rates = steps  # nominal step rates (labels, report); the kept counts above are exact
+    rates = list(steps)  # nominal step rates (labels, report); the kept counts above are exact
+    quant: list = [None] * len(steps)
+    specs_q = _quant_specs(cfg, weights) if cfg.quantizing else {}
+    if specs_q:  # prune first, then put the surviving weights on their levels
+        keep.append(dict(final))
+        rates.append(cfg.rate)
+        quant.append(specs_q)
+    labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     units = plan(cfg, len(rates))
-    engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet)
+    engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
     meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
 
     if resume:
@@ -185,10 +199,11 @@ def compress(
         engine.load(blob)
         log(f"resuming after unit {engine.state.unit + 1}/{len(units)} from {ckpt_path}")
 
-    log(
-        f"pruning {sum(sizes.values()):,} weights in {len(sizes)} layers to {cfg.rate:.4g}x"
-        + (f" in {len(rates)} steps ({', '.join(f'{r:.3g}x' for r in rates)})" if len(rates) > 1 else "")
-    )
+    what = f"pruning {sum(sizes.values()):,} weights in {len(sizes)} layers to {cfg.rate:.4g}x" if steps else ""
+    if specs_q:
+        q = f"{cfg.clusters} clusters" if cfg.clusters else f"{cfg.bits} bits" if cfg.bits > 1 else "binary"
+        what = (what + ", then " if what else f"{sum(sizes.values()):,} weights in {len(sizes)} layers: ") + q
+    log(what + (f" in {len(rates)} steps ({', '.join(labels)})" if len(rates) > 1 else ""))
     optimizer = None
     try:
         for i, unit in enumerate(units):
@@ -205,7 +220,7 @@ def compress(
                 if engine.state.optimizer is not None and not first_of_phase:
                     optimizer.load_state_dict(engine.state.optimizer)
                 engine.state.optimizer = None
-            label = f"step {unit.step + 1}/{len(rates)} {rates[unit.step]:.3g}x " + (
+            label = f"step {unit.step + 1}/{len(rates)} {labels[unit.step]} " + (
                 f"admm {unit.index + 1}/{cfg.admm_iterations}"
                 if unit.kind == "admm"
                 else f"retrain {unit.index + 1}"
@@ -223,18 +238,28 @@ def compress(
         )
         raise
 
-    # final weights: exact masks (the last phase is always masked retraining)
-    engine.apply_masks()
+    # final weights: exact masks and levels (the last phase is always masked retraining)
+    engine.finalize()
     state = module.onnx_state()
     pruned = {n for n in sizes if final[n] < sizes[n]}
-    sparse = _pick_format(fmt, {n: state[n] for n in pruned}, proto)
+    grids = dict(engine.state.grids)
+    encodings = _encodings(fmt, grids, state, proto)
+    sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
     if out_path.exists() and out_path.resolve() == in_path.resolve():
         ref_path = work / "original.onnx"  # --force over the input: keep the original as the reference
         save_model(proto, ref_path)
     original_bytes = file_bytes(in_path)
-    export_onnx(proto, state, out_path, sparse=sparse, force=force)
+    int8_info = None
+    if fmt == "int8":
+        int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work)
+    else:
+        export_onnx(proto, state, out_path, sparse=sparse, force=force)
+        if encodings:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
+            from ..export.storage import apply_storage
+
+            save_model(apply_storage(load_model(out_path), encodings), out_path)
     train_seconds = time.perf_counter() - t0
 
     graph_outs = [o.name for o in proto.graph.output]
@@ -293,7 +318,17 @@ def compress(
             "original": original_bytes,
             "compressed": ev.get("file_bytes"),
         },
-        "format": {"sparse_tensors": sorted(sparse), "requested": fmt},
+        "format": {
+            "requested": fmt,
+            "sparse_tensors": sorted(sparse) if fmt != "int8" else [],
+            "codebook_tensors": sorted(encodings) if fmt != "int8" else [],
+            "int8": int8_info,
+        },
+        "quantization": {
+            n: {"kind": g.kind, "bits": g.bits, "levels": g.levels, "per_channel": g.group_axis is not None}
+            for n, g in grids.items()
+        },
+        "storage": _storage(out_path),
         "latency": ev.get("latency"),
         "validation": {"samples": len(val), "source": val_note},
         "seconds": time.perf_counter() - t0,
@@ -311,6 +346,79 @@ def compress(
     if ckpt_path.exists():
         ckpt_path.unlink()
     return rep
+
+
+def _storage(path: Path) -> dict | None:
+    """The storage summary of the written file (``onnxadmm report``), or None if it cannot be made."""
+    from ..validate.storage_report import storage_report
+
+    try:
+        return storage_report(path)
+    except Exception as exc:  # noqa: BLE001 - the summary must not fail a finished compression
+        return {"error": str(exc)}
+
+
+def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
+    """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
+    in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller."""
+    if fmt == "codebook" and not grids:
+        raise ConfigError("--format codebook needs quantized weights (--bits or --clusters)")
+    if fmt not in ("auto", "codebook") or not grids:
+        return {}
+    from ..export.storage import encode_from_values
+
+    inits = {t.name for t in proto.graph.initializer} | {t.values.name for t in proto.graph.sparse_initializer}
+    out = {}
+    for n, g in grids.items():
+        if n in inits:
+            w = np.asarray(state[n])
+            book = g.codebook.detach().cpu().numpy()
+            # zeros (pruned entries) off the codebook, e.g. binary {-q, +q}: only the sparse form holds them
+            zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
+            out[n] = encode_from_values(w, book, g.group_axis, sparse=True if zeros_off else None)
+    return out
+
+
+def _write_int8(proto, state, grids, out_path: Path, train: Dataset, input_names, work: Path) -> dict:
+    """int8 weights and activations with integer kernels (QDQ), the trained 8-bit grid kept exactly."""
+    from ..export.int8 import export_int8
+
+    bad = [n for n, g in grids.items() if g.kind != "uniform" or g.codebook.shape[1] > 255]
+    if not grids or bad or any(g.bits != 8 for g in grids.values()):
+        raise ConfigError("--format int8 needs every compressed layer quantized with --bits 8 (and no --edge-bits)")
+    weights = {n: np.asarray(state[n], dtype=np.float32) for n in grids}
+    scales = {
+        n: (float(g.step.reshape(-1)[0]) if g.group_axis is None else g.step.detach().cpu().numpy())
+        for n, g in grids.items()
+    }
+    axes = {n: g.group_axis for n, g in grids.items() if g.group_axis is not None}
+    idx = np.random.default_rng(0).permutation(len(train))[: min(len(train), 512)]
+    calibration = {n: train.inputs[n][np.sort(idx)] for n in input_names}
+    tmp = work / "int8.onnx"
+    info = export_int8(proto, weights, scales, tmp, calibration, fmt="qdq", axes=axes or None)
+    save_model(load_model(tmp), out_path)
+    info["path"] = str(out_path)
+    return info
+
+
+def _quant_specs(cfg: CompressConfig, weights) -> dict:
+    """Per-layer value sets: ``bits``/``clusters`` for every compressible layer not excluded, with
+    ``edge_bits`` for the first and last of them (graph order) when given."""
+    from .admm import QuantSpec
+
+    names = [w.name for w in weights if not matches(w.name, cfg.exclude)]
+    edges = {names[0], names[-1]} if names else set()
+    out = {}
+    for w in weights:
+        if w.name not in names:
+            continue
+        axis = w.out_axis if cfg.granularity == "channel" else None
+        bits = cfg.edge_bits if (cfg.edge_bits and w.name in edges) else cfg.bits
+        if cfg.clusters and not (cfg.edge_bits and w.name in edges):
+            out[w.name] = QuantSpec(clusters=int(cfg.clusters))
+        else:
+            out[w.name] = QuantSpec(bits=int(bits), axis=axis)
+    return out
 
 
 def _extract(src: Path, dst: Path, inputs: list[str], outputs: list[str]) -> None:
@@ -396,7 +504,18 @@ def format_report(rep: dict) -> str:
             if rep["format"]["sparse_tensors"]
             else ""
         )
+        + (
+            f", {len(rep['format']['codebook_tensors'])} as packed codes + codebook"
+            if rep["format"].get("codebook_tensors")
+            else ""
+        )
+        + (", int8 integer kernels (QDQ)" if rep["format"].get("int8") else "")
     )
+    st = rep.get("storage") or {}
+    if st.get("total"):
+        from ..validate.storage_report import format_storage_report
+
+        lines += ["", format_storage_report(st)]
     lines.append(f"time: {rep['seconds']:.1f} s   report: {rep.get('report_path', '')}")
     return "\n".join(lines)
 

@@ -1,0 +1,262 @@
+"""``onnxadmm report``: where the bytes of a model's compressible weights go.
+
+For every weight feeding a Conv, ConvTranspose, Gemm or MatMul, whatever wrote the file (onnxadmm's
+codebook storage, ONNX sparse initializers, int8 QDQ, plain float tensors):
+
+- the bytes really in the file: values (or codes), positions (indices), codebooks and scales;
+- the Deep Compression figure the ADMM papers quote, computed from the decoded values: values at
+  ``b`` bits (``b = ceil(log2 K)`` for ``K <= 256`` distinct non-zero values, plus a ``K x 32``-bit
+  codebook; otherwise the raw float width), positions as relative indices at ``r`` bits with a filler
+  entry wherever a run of zeros is longer than ``2**r - 1`` (``r`` in 1..16 chosen per tensor), or no
+  positions when dense storage is smaller; no container or decoder overhead;
+- the compression ratios of both against the weights at fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import OnnxAdmmError
+from ..modelio import load_model
+
+WEIGHT_INPUT = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+_INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def _weight_names(graph: onnx.GraphProto, candidates: set[str]) -> list[str]:
+    """Candidate tensors consumed as the weight operand of a Conv/ConvTranspose/Gemm/MatMul, in order."""
+    out: list[str] = []
+    for node in graph.node:
+        for i in WEIGHT_INPUT.get(node.op_type, ()):
+            if i < len(node.input) and node.input[i] in candidates and node.input[i] not in out:
+                out.append(node.input[i])
+    return out
+
+
+def _decoded(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Values of tensors computed from initializers only (decoders, DequantizeLinear), by onnxruntime."""
+    if not names:
+        return {}
+    import onnxruntime as ort
+
+    g = model.graph
+    const = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    nodes, known = [], set(const)
+    for node in g.node:  # every node whose inputs are all constants, in graph order
+        if node.input and all((not i) or i in known for i in node.input):
+            nodes.append(node)
+            known.update(node.output)
+    sub = onnx.helper.make_graph(
+        nodes, "decode", [], [], list(g.initializer), sparse_initializer=list(g.sparse_initializer)
+    )
+    m = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+    m.ir_version = max(model.ir_version, 7)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    try:  # the outputs' element types (float16 weights decode to float16)
+        inferred = onnx.shape_inference.infer_shapes(m)
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+        for vi in m.graph.output:
+            if types.get(vi.name):
+                vi.type.tensor_type.elem_type = types[vi.name]
+    except Exception:  # noqa: BLE001 - inference is a nicety; float32 is the common case
+        pass
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, {})))
+
+
+def deep_compression(w: np.ndarray) -> dict:
+    """Deep-Compression-style storage of ``w`` (see the module docstring), in bits and bytes."""
+    flat = np.asarray(w).ravel()
+    n = flat.size
+    nz = np.flatnonzero(flat)
+    values = np.unique(flat[nz])
+    k = len(values)
+    raw = 16 if flat.dtype == np.float16 else 32
+    if 0 < k <= 256:
+        bits, codebook = max(1, math.ceil(math.log2(k))), k * 32
+        dense_bits = max(1, math.ceil(math.log2(k + (1 if len(nz) < n else 0)))) * n + codebook
+    else:
+        bits, codebook = raw, 0
+        dense_bits = raw * n
+    best = {"encoding": "dense", "value_bits": bits, "gap_bits": 0, "fillers": 0, "total_bits": dense_bits}
+    if len(nz) < n:
+        skips = np.diff(np.concatenate([[-1], nz])) - 1
+        for r in range(1, 17):
+            fillers = int((skips // (2**r)).sum())
+            total = (len(nz) + fillers) * (bits + r) + codebook
+            if total < best["total_bits"]:
+                best = {"encoding": "sparse", "value_bits": bits, "gap_bits": r, "fillers": fillers, "total_bits": total}
+    best["codebook_bits"] = codebook
+    best["bytes"] = best["total_bits"] / 8
+    return best
+
+
+def storage_report(model_path, reference=None) -> dict:
+    """Per-layer and total storage of ``model_path``'s compressible weights (see the module docstring)."""
+    from ..export.storage import analyze
+
+    path = Path(model_path)
+    model = load_model(path)
+    g = model.graph
+    entries = analyze(model)
+    # int8 QDQ weights: DequantizeLinear of an integer initializer
+    inits = {t.name: t for t in g.initializer}
+    dq = {}
+    for node in g.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            if inits[node.input[0]].data_type in _INT_TYPES:
+                dq[node.output[0]] = node
+    candidates = set(entries) | set(dq)
+    names = _weight_names(g, candidates)
+    if not names:
+        raise OnnxAdmmError(f"{path}: no compressible weights (Conv/ConvTranspose/Gemm/MatMul) found")
+    need = [n for n in names if n in dq or entries.get(n, {}).get("storage") == "codebook"]
+    decoded = _decoded(model, need)
+    layers = []
+    for n in names:
+        if n in dq:
+            node = dq[n]
+            q = inits[node.input[0]]
+            parts = [inits[i] for i in node.input[1:] if i in inits]
+            w = decoded[n]
+            val_bytes = len(q.raw_data) or numpy_helper.to_array(q).nbytes
+            scale_bytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in parts)
+            row = {
+                "name": n,
+                "storage": "int8",
+                "bits": 8,
+                "bytes": {"values": val_bytes, "positions": 0, "codebook": scale_bytes},
+            }
+        else:
+            e = entries[n]
+            b = e["bytes"]
+            if e["storage"] == "codebook":
+                w = decoded[n]
+                vb, pb, cb = b["codes"], b["positions"], b["codebook"] + b.get("graph", 0)
+            else:
+                t = inits.get(n)
+                w = None
+                if t is not None:
+                    w = numpy_helper.to_array(t)
+                else:
+                    for sp in g.sparse_initializer:
+                        if sp.values.name == n:
+                            w = np.zeros(tuple(sp.dims), numpy_helper.to_array(sp.values).dtype)
+                            w.flat[numpy_helper.to_array(sp.indices).ravel()] = numpy_helper.to_array(sp.values)
+                if w is None:  # a Constant node
+                    for node in g.node:
+                        if node.op_type == "Constant" and node.output and node.output[0] == n:
+                            w = numpy_helper.to_array(node.attribute[0].t)
+                vb, pb, cb = b["codes"], b["positions"], b["codebook"]
+            row = {
+                "name": n,
+                "storage": e["storage"],
+                "bits": e.get("bits") or (16 if np.asarray(w).dtype == np.float16 else 32),
+                "bytes": {"values": vb, "positions": pb, "codebook": cb},
+            }
+        w = np.asarray(w)
+        row["shape"] = list(w.shape)
+        row["params"] = int(w.size)
+        row["nonzero"] = int(np.count_nonzero(w))
+        row["distinct"] = int(len(np.unique(w[w != 0]))) if row["nonzero"] else 0
+        row["bytes"]["file"] = sum(row["bytes"].values())
+        row["fp32_bytes"] = 4 * row["params"]
+        row["deep_compression"] = deep_compression(w.astype(np.float32) if w.dtype == np.float64 else w)
+        row["ratio_file"] = row["fp32_bytes"] / max(row["bytes"]["file"], 1)
+        row["ratio_theoretical"] = row["fp32_bytes"] / max(row["deep_compression"]["bytes"], 1e-9)
+        layers.append(row)
+    fp32 = sum(x["fp32_bytes"] for x in layers)
+    file_w = sum(x["bytes"]["file"] for x in layers)
+    theo = sum(x["deep_compression"]["bytes"] for x in layers)
+    total = {
+        "params": sum(x["params"] for x in layers),
+        "nonzero": sum(x["nonzero"] for x in layers),
+        "fp32_bytes": fp32,
+        "file_weight_bytes": file_w,
+        "theoretical_bytes": theo,
+        "ratio_file": fp32 / max(file_w, 1),
+        "ratio_theoretical": fp32 / max(theo, 1e-9),
+        "values": sum(x["bytes"]["values"] for x in layers),
+        "positions": sum(x["bytes"]["positions"] for x in layers),
+        "codebook": sum(x["bytes"]["codebook"] for x in layers),
+    }
+    total["pruning_rate"] = total["params"] / max(total["nonzero"], 1)
+    rep = {"model": str(path), "file_bytes": path.stat().st_size, "layers": layers, "total": total}
+    if reference is not None:
+        ref = Path(reference)
+        rep["reference"] = {"model": str(ref), "file_bytes": ref.stat().st_size}
+        rep["file_ratio"] = rep["reference"]["file_bytes"] / max(rep["file_bytes"], 1)
+    return rep
+
+
+def format_storage_report(rep: dict) -> str:
+    w = min(max([len(x["name"]) for x in rep["layers"]] + [5]), 40)
+    head = (
+        f"{'layer':<{w}} {'storage':<8} {'params':>10} {'nonzero':>9} {'bits':>4} {'values':>9} "
+        f"{'positions':>9} {'codebook':>8} {'file B':>9} {'x file':>8} {'theory B':>9} {'x theory':>9}"
+    )
+    lines = [head]
+    for x in rep["layers"]:
+        b = x["bytes"]
+        lines.append(
+            f"{x['name'][:w]:<{w}} {x['storage']:<8} {x['params']:>10,} {x['nonzero']:>9,} {x['bits']:>4} "
+            f"{b['values']:>9,} {b['positions']:>9,} {b['codebook']:>8,} {b['file']:>9,} "
+            f"{x['ratio_file']:>7.1f}x {x['deep_compression']['bytes']:>9,.0f} {x['ratio_theoretical']:>8.1f}x"
+        )
+    t = rep["total"]
+    lines.append(
+        f"{'total':<{w}} {'':<8} {t['params']:>10,} {t['nonzero']:>9,} {'':>4} {t['values']:>9,} "
+        f"{t['positions']:>9,} {t['codebook']:>8,} {t['file_weight_bytes']:>9,} {t['ratio_file']:>7.1f}x "
+        f"{t['theoretical_bytes']:>9,.0f} {t['ratio_theoretical']:>8.1f}x"
+    )
+    lines.append("")
+    lines.append(
+        f"weights: {t['fp32_bytes']:,} bytes at fp32 -> {t['file_weight_bytes']:,} in the file "
+        f"({t['ratio_file']:.1f}x), {t['theoretical_bytes']:,.0f} by Deep Compression's count "
+        f"({t['ratio_theoretical']:.1f}x); pruning rate {t['pruning_rate']:.1f}x"
+    )
+    line = f"file: {rep['file_bytes']:,} bytes"
+    if rep.get("reference"):
+        line += f" (reference {rep['reference']['file_bytes']:,}: {rep['file_ratio']:.1f}x smaller)"
+    lines.append(line)
+    lines.append(
+        "theory: values at b = ceil(log2 K) bits with a K x 32-bit codebook (raw float when K > 256), "
+        "positions as r-bit relative indices with filler entries (Deep Compression)"
+    )
+    return "\n".join(lines)
+
+
+def plot_storage(rep: dict, png_path) -> Path:
+    """Per-layer density and bits per value as a PNG (needs matplotlib: pip install onnxadmm[plot])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OnnxAdmmError("--plot needs matplotlib: pip install 'onnxadmm[plot]'") from None
+    names = [x["name"] for x in rep["layers"]]
+    density = [x["nonzero"] / max(x["params"], 1) for x in rep["layers"]]
+    bits = [x["deep_compression"]["value_bits"] for x in rep["layers"]]
+    fig, ax = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(names) + 4), 3.6))
+    ax[0].bar(range(len(names)), density, color="tab:blue")
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("density (non-zero fraction)")
+    ax[1].bar(range(len(names)), bits, color="tab:orange")
+    ax[1].set_ylabel("bits per stored value")
+    for a in ax:
+        a.set_xticks(range(len(names)))
+        a.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    fig.suptitle(Path(rep["model"]).name)
+    fig.tight_layout()
+    out = Path(png_path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

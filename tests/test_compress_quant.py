@@ -1,0 +1,188 @@
+"""ADMM quantization, binarization and clustering through ``compress`` on models/digits_cnn.onnx.
+
+Tiny runs (2 ADMM iterations, 1 retraining epoch, 2 batches per unit): they check that the written
+weights lie on the value sets asked for, that pruning and quantization combine, that onnxruntime agrees
+with the report, and the configuration errors; accuracy is the benchmarks' business.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from onnxadmm.compress.admm import Engine, QuantSpec, Unit
+from onnxadmm.compress.config import CompressConfig
+from onnxadmm.compress.objective import training_heads
+from onnxadmm.compress.pipeline import compress
+from onnxadmm.data import Dataset, input_specs_of, load_data
+from onnxadmm.errors import ConfigError
+from onnxadmm.importer.graph import OnnxGraphModule
+from onnxadmm.modelio import load_model
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+WEIGHTS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+SIZES = {"conv1.weight": 144, "conv2.weight": 4608, "fc1.weight": 32768, "fc2.weight": 640}
+FAST = {"admm_iterations": 2, "retrain_epochs": 1, "min_batches": 1, "max_batches_per_epoch": 2, "batch_size": 64}
+
+
+def onnx_weights(path: Path) -> dict[str, np.ndarray]:
+    """The weights of the written model, whatever their storage: plain and sparse initializers are
+    read; weights decoded from codes at load are made graph outputs and computed by onnxruntime."""
+    m = onnx.load(str(path))
+    out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name in WEIGHTS}
+    for sp in m.graph.sparse_initializer:
+        dense = np.zeros(tuple(sp.dims), np.float32)
+        dense.flat[numpy_helper.to_array(sp.indices).ravel()] = numpy_helper.to_array(sp.values)
+        out[sp.values.name] = dense
+    rest = [n for n in WEIGHTS if n not in out]
+    if rest:
+        for n in rest:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        out.update(zip(rest, sess.run(rest, {sess.get_inputs()[0].name: x})))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(tmp_path, name, **kw) -> tuple[dict, dict[str, np.ndarray]]:
+    out = tmp_path / f"{name}.onnx"
+    rep = compress(MODEL, out, "digits", quiet=True, **FAST, **kw)
+    return rep, onnx_weights(out)
+
+
+def distinct(w: np.ndarray, axis: int | None = None) -> int:
+    if axis is None:
+        return len(np.unique(w))
+    return max(len(np.unique(np.take(w, i, axis=axis))) for i in range(w.shape[axis]))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_uniform_bits_per_tensor(tmp_path, bits):
+    rep, w = run(tmp_path, f"b{bits}", bits=bits)
+    assert rep["target_rate"] == 1.0  # --bits alone does not prune (the 0 level may add zeros)
+    if bits == 1:
+        assert rep["pruning_rate"] == 1.0
+    for n in WEIGHTS:
+        levels = np.unique(w[n])
+        assert len(levels) <= (2 if bits == 1 else 2**bits - 1), n
+        if bits == 1:
+            assert np.allclose(levels, [-levels[1], levels[1]])  # {-q, +q}
+        else:  # symmetric uniform: every level is an integer multiple of the smallest step
+            q = np.min(np.abs(levels[levels != 0]))
+            assert np.allclose(levels / q, np.round(levels / q), atol=1e-4)
+            assert np.max(np.abs(np.round(levels / q))) <= 2 ** (bits - 1) - 1
+
+
+def test_per_channel_levels(tmp_path):
+    rep, w = run(tmp_path, "ch", bits=2, granularity="channel")
+    for n in WEIGHTS:
+        axis = 0  # every compressible weight of this model has its output channels on axis 0
+        assert distinct(w[n], axis) <= 3
+        assert distinct(w[n]) > 3  # the steps differ between channels
+
+
+def test_prune_then_quantize(tmp_path):
+    rep, w = run(tmp_path, "pq", rate=8, bits=3)
+    assert rep["pruning_rate"] >= 8 * 0.99
+    assert rep["steps"][-1] == 8  # the quantization step comes last, at the final rate
+    assert any(h.get("kind") == "admm" and h["step"] == len(rep["steps"]) - 1 for h in rep["history"])
+    for n in WEIGHTS:
+        nz = w[n][w[n] != 0]
+        assert len(np.unique(nz)) <= 6  # 3 bits: 7 levels, 0 only where pruned
+    total = sum(SIZES.values())
+    assert total / sum(int(np.count_nonzero(w[n])) for n in WEIGHTS) >= 8 * 0.99
+
+
+def test_clusters(tmp_path):
+    rep, w = run(tmp_path, "cl", clusters=4)
+    for n in WEIGHTS:
+        assert len(np.unique(w[n][w[n] != 0])) <= 4
+
+
+def test_binary_with_edge_layers_at_8_bits(tmp_path):
+    rep, w = run(tmp_path, "edge", bits=1, edge_bits=8)
+    first, last = WEIGHTS[0], WEIGHTS[-1]
+    for n in WEIGHTS[1:-1]:
+        assert len(np.unique(w[n])) == 2
+    for n in (first, last):
+        assert 2 < len(np.unique(w[n])) <= 255
+
+
+def test_onnxruntime_matches_report(tmp_path):
+    rep, _ = run(tmp_path, "orc", rate=4, bits=2)
+    ds = load_data("digits", input_specs_of(load_model(MODEL)))
+    # the report's accuracy was measured by onnxruntime on the held-out split: recompute it
+    _, val = ds.split(rep["config"]["val_fraction"], rep["config"]["seed"])
+    sess = ort.InferenceSession(str(tmp_path / "orc.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": val.inputs["input"]})[0]
+    acc = float((logits.argmax(1) == val.labels).mean())
+    assert acc == pytest.approx(rep["accuracy"]["compressed"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"bits": 0}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"bits": 2.5}, "bits"),
+        ({"bits": 4, "clusters": 8}, "alternatives"),
+        ({"clusters": 1}, "clusters"),
+        ({"edge_bits": 8}, "edge_bits needs"),
+        ({"bits": 4, "granularity": "row"}, "granularity"),
+    ],
+)
+def test_quant_config_errors(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        CompressConfig(**kw).validate()
+
+
+def test_retraining_keeps_levels_and_moves_centroids():
+    """Straight-through retraining: the forward pass sees weights on the frozen grid, the shadow
+    weights learn, and clustered layers' centroids follow the mean of their members."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    x = load_data("digits", input_specs_of(proto), limit=32).inputs["input"]
+    train = Dataset({"input": x}, np.arange(32) % 10)
+    cfg = CompressConfig(batch_size=8, min_batches=1, max_batches_per_epoch=3).validate()
+    keep = [dict(SIZES)]
+    quant = [{"conv2.weight": QuantSpec(bits=2), "fc1.weight": QuantSpec(clusters=4)}]
+    e = Engine(module, heads, train, train, None, cfg, keep, log=lambda s: None, quiet=True, quant=quant)
+    e.hard_prune(0)
+    before = {n: e.params[n].detach().clone() for n in quant[0]}
+    e.train_epoch(Unit("retrain", 0, 0), e.make_optimizer(1e-2), "t")
+    shadow = {n: e.params[n].detach().clone() for n in quant[0]}
+    assert not torch.equal(shadow["conv2.weight"], before["conv2.weight"])  # the shadow trained
+    e.finalize()
+    conv2 = e.params["conv2.weight"].detach()
+    assert len(torch.unique(conv2)) <= 3
+    step = e.state.grids["conv2.weight"].step
+    assert torch.allclose(conv2 / step, torch.round(conv2 / step), atol=1e-5)
+    fc1 = e.params["fc1.weight"].detach()
+    codes = e.state.codes["fc1.weight"]
+    book = e.state.grids["fc1.weight"].codebook[0]
+    assert len(torch.unique(fc1[codes >= 0])) <= 4
+    for j in range(4):  # each centroid is the mean of its members' shadow weights
+        members = codes == j
+        if members.any():
+            assert float(book[j]) == pytest.approx(float(shadow["fc1.weight"][members].mean()), rel=1e-5)
+
+
+def test_readme_default_rate_without_quantization():
+    assert CompressConfig().validate().rate == 20.0
+    assert CompressConfig(bits=4).validate().rate == 1.0
+    assert CompressConfig(bits=4, rate="50x").validate().rate == 50.0

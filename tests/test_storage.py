@@ -1,0 +1,534 @@
+"""Codebook storage (onnxadmm.export.storage): exact decoding in onnxruntime, folding, byte counts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxadmm.errors import OnnxAdmmError
+from onnxadmm.export import storage as st
+from onnxadmm.export.storage import (
+    METADATA_KEY,
+    PREFIX,
+    Encoded,
+    analyze,
+    apply_storage,
+    decode,
+    encode_from_values,
+    storage_bytes,
+    theoretical,
+    unfolded_decode_nodes,
+)
+
+SHAPES = {"wc": (8, 3, 3, 3), "wg": (16, 20), "wm": (20, 12)}
+ELEM_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def _model(
+    weights: dict[str, np.ndarray], opset: int = 13, ir: int | None = None, as_inputs: bool = False
+) -> onnx.ModelProto:
+    """Conv(wc) on x1, Gemm(transB=1, wg) and MatMul(wm) on x2; any subset of the three weights."""
+    dtype = next(iter(weights.values())).dtype.type
+    elem = ELEM_TYPE[dtype]
+    nodes, inputs, outputs = [], [], []
+    if "wc" in weights:
+        inputs.append(helper.make_tensor_value_info("x1", elem, [1, 3, 5, 5]))
+        nodes.append(helper.make_node("Conv", ["x1", "wc"], ["y1"], name="conv"))
+        outputs.append(helper.make_tensor_value_info("y1", elem, [1, 8, 3, 3]))
+    if "wg" in weights or "wm" in weights:
+        inputs.append(helper.make_tensor_value_info("x2", elem, [2, 20]))
+    if "wg" in weights:
+        nodes.append(helper.make_node("Gemm", ["x2", "wg"], ["y2"], name="gemm", transB=1))
+        outputs.append(helper.make_tensor_value_info("y2", elem, [2, 16]))
+    if "wm" in weights:
+        nodes.append(helper.make_node("MatMul", ["x2", "wm"], ["y3"], name="matmul"))
+        outputs.append(helper.make_tensor_value_info("y3", elem, [2, 12]))
+    inits = [numpy_helper.from_array(w, name) for name, w in weights.items()]
+    if as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir or helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        shape = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        feeds[v.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds, level=None) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _quantized(rng, shape, bits, group_axis, sparse, dtype=np.float32):
+    """A weight on a random codebook of 2**bits non-zero levels (per row of group_axis), and that codebook."""
+    groups = 1 if group_axis is None else shape[group_axis]
+    levels = rng.uniform(0.1, 1.0, (groups, 2**bits)) * rng.choice([-1, 1], (groups, 2**bits))
+    levels = levels.astype(dtype).astype(np.float32)
+    codes = rng.integers(0, 2**bits, shape)
+    g = np.zeros(shape, dtype=np.int64)
+    if group_axis is not None:
+        g += np.arange(groups).reshape([-1] + [1] * (len(shape) - group_axis - 1))
+    w = levels[g, codes].astype(dtype)
+    if sparse:  # about 90% zeros, never all
+        keep = rng.random(shape) >= 0.9
+        keep.flat[rng.integers(w.size)] = True
+        w = np.where(keep, w, 0).astype(dtype)
+    return w, (levels if group_axis is not None else levels[0])
+
+
+def _new_initializers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[TensorProto]:
+    old = {t.name for t in before.graph.initializer}
+    return [t for t in after.graph.initializer if t.name not in old]
+
+
+def _decoded_by_reference(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
+    """The weights as onnx.reference computes them from the decoder nodes alone."""
+    nodes = [n for n in model.graph.node if n.name.startswith(PREFIX)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in names]
+    graph = helper.make_graph(nodes, "decoders", [], outputs, list(model.graph.initializer))
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    return dict(zip(names, ReferenceEvaluator(sub).run(None, {})))
+
+
+def _check_exact(reference: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    """Same outputs bit for bit (default and basic optimisation), decoders folded, checker passes."""
+    feeds = _feeds(reference)
+    for level in (None, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        for a, b in zip(_run(reference, feeds, level), _run(compressed, feeds, level), strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert unfolded_decode_nodes(compressed) == []
+    onnx.checker.check_model(compressed, full_check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("group_axis", [None, 0], ids=["tensor", "channel"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_exact_in_onnxruntime(bits, group_axis, sparse):
+    rng = np.random.default_rng(bits * 10 + (group_axis is None) + 2 * sparse)
+    weights, encodings = {}, {}
+    for name, shape in SHAPES.items():
+        w, codebook = _quantized(rng, shape, bits, group_axis, sparse)
+        enc = encode_from_values(w, codebook, group_axis, sparse, bits=bits, compact=False)
+        assert enc.bits == bits and enc.sparse == sparse
+        assert np.array_equal(decode(enc), w)
+        weights[name], encodings[name] = w, enc
+    reference = _model(weights)
+    out = apply_storage(reference, encodings, packing="bits")
+    _check_exact(reference, out)
+
+    # decoders first, named after their weight, consumers untouched
+    n_dec = sum(n.name.startswith(PREFIX) for n in out.graph.node)
+    assert all(n.name.startswith(PREFIX) for n in out.graph.node[:n_dec])
+    assert [n.name for n in out.graph.node[n_dec:]] == [n.name for n in reference.graph.node]
+    assert {n.name.split("/")[1] for n in out.graph.node[:n_dec]} == set(SHAPES)
+    assert not set(SHAPES) & {t.name for t in out.graph.initializer}
+
+    ref_decoded = _decoded_by_reference(out, list(SHAPES))
+    for name, w in weights.items():
+        assert np.array_equal(ref_decoded[name], w)
+
+    # byte accounting = raw data of the new initializers; codes packed at exactly `bits`
+    new = _new_initializers(reference, out)
+    sizes = {name: storage_bytes(enc, packing="bits") for name, enc in encodings.items()}
+    assert sum(s["total"] for s in sizes.values()) == sum(len(t.raw_data) for t in new)
+    meta = json.loads(dict((p.key, p.value) for p in out.metadata_props)[METADATA_KEY])
+    for name, enc in encodings.items():
+        entries = enc.stored + meta[name]["fillers"]
+        assert sizes[name]["codes"] == (entries if bits == 8 else math.ceil(entries / 8) * bits)
+        assert meta[name]["bits"] == bits and meta[name]["sparse"] == sparse
+        assert meta[name]["stored"] == enc.stored and meta[name]["groups"] == enc.groups
+        assert meta[name]["nonzero"] == np.count_nonzero(weights[name])
+        assert (meta[name]["gap_bits"] > 0) == sparse
+        report = analyze(out)[name]
+        nodes = report["bytes"].pop("nodes") - sizes[name].pop("nodes")
+        assert report["bytes"] == sizes[name]
+        assert abs(nodes) <= 20 * len(name)  # storage_bytes assumes a weight named "w"
+        assert report["nonzero"] == np.count_nonzero(weights[name]) and report["params"] == enc.size
+
+
+@pytest.mark.parametrize("packing", ["auto", "bytes"])
+@pytest.mark.parametrize("bits,sparse", [(1, False), (2, False), (1, True), (2, True), (4, True), (8, True)])
+def test_smaller_file(tmp_path, bits, sparse, packing):
+    """Even these tiny weights (216 to 320 elements) take less room, decoders included.
+
+    Tensor-wide codebooks only: per-channel ones (8 to 20 rows of K float32 values, plus three
+    nodes for the row offsets of a sparse tensor) outweigh what the codes save at this size.
+    """
+    rng = np.random.default_rng(bits)
+    weights, encodings = {}, {}
+    for name, shape in SHAPES.items():
+        w, codebook = _quantized(rng, shape, bits, None, sparse)
+        weights[name] = w
+        # 8 bits: the levels in use, not a 256-entry codebook that would outweigh the tensor
+        encodings[name] = encode_from_values(w, codebook, None, sparse, compact=bits == 8)
+    reference = _model(weights)
+    out = apply_storage(reference, encodings, packing=packing)
+    _check_exact(reference, out)
+    onnx.save(reference, tmp_path / "dense.onnx")
+    onnx.save(out, tmp_path / "small.onnx")
+    dense_size, small_size = (os.path.getsize(tmp_path / f) for f in ("dense.onnx", "small.onnx"))
+    assert small_size < dense_size
+    new = _new_initializers(reference, out)
+    assert sum(storage_bytes(e, packing=packing)["total"] for e in encodings.values()) == sum(
+        len(t.raw_data) for t in new
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("where", [0, 215, 100])
+def test_one_weight_left(where):
+    w = np.zeros(SHAPES["wc"], np.float32)
+    w.reshape(-1)[where] = -0.75
+    enc = encode_from_values(w, [-0.75], sparse=True)
+    assert enc.stored == 1 and enc.bits == 1
+    reference = _model({"wc": w})
+    _check_exact(reference, apply_storage(reference, {"wc": enc}))
+
+
+def test_all_pruned():
+    w = np.zeros(SHAPES["wm"], np.float32)
+    enc = encode_from_values(w, [0.5], sparse=True)
+    assert enc.stored == 0
+    reference = _model({"wm": w})
+    out = apply_storage(reference, {"wm": enc})
+    _check_exact(reference, out)
+    assert storage_bytes(enc)["codes"] == 0 and analyze(out)["wm"]["nonzero"] == 0
+
+
+def test_gap_beyond_16_bits():
+    shape = (400, 500)  # a MatMul weight of 200,000 elements, 3 survivors
+    w = np.zeros(shape, np.float32)
+    w.reshape(-1)[[1, 150_000, 199_999]] = [0.5, -0.25, 0.5]
+    enc = encode_from_values(w, [-0.25, 0.5], sparse=True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 500])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    out = apply_storage(reference, {"w": enc})
+    _check_exact(reference, out)
+    meta = json.loads(out.metadata_props[0].value)["w"]
+    assert meta["fillers"] > 0 and meta["gap_bits"] <= 16
+    assert np.array_equal(_decoded_by_reference(out, ["w"])["w"], w)
+    for r in (2, 7, 16):
+        for mode in ("append", "marker"):
+            assert np.array_equal(_decode_streams(enc, r, mode), w)
+
+
+def _decode_streams(enc: Encoded, r: int, mode: str) -> np.ndarray:
+    """numpy mirror of the sparse decoder, from the streams the writer stores."""
+    gaps, codes, fillers = st._entries(enc, r, mode)
+    assert fillers == st._filler_count(st._distances(enc.positions), r, mode == "marker")
+    is_filler = (gaps == 2**r - 1) if mode == "marker" else np.zeros(gaps.size, bool)
+    pos = np.cumsum(gaps - is_filler)
+    stride = enc.levels + (mode == "append")
+    table = st._codebook_array(enc, mode).astype(enc.dtype)
+    idx = np.where(is_filler, table.size - 1, codes + stride * enc.group_index(pos))
+    out = np.zeros(enc.size, enc.dtype)
+    out[pos] = table[idx]
+    return out.reshape(enc.shape)
+
+
+@pytest.mark.parametrize("mode", ["zero", "append", "marker"])
+def test_filler_modes(mode):
+    """Each way of giving fillers a zero, in numpy for many gap widths and in onnxruntime."""
+    rng = np.random.default_rng(13)
+    shape = (16, 20)
+    w = np.zeros(shape, np.float32)
+    w[rng.random(shape) < 0.05] = 1.0
+    w[0, 0], w[3, 7], w[15, 19] = 1.0, -1.0, -1.0  # first and last elements, long gaps
+    codebook = {"zero": [-1.0, 0.0, 1.0, 2.0], "append": [-1.0, 1.0, 2.0], "marker": [-1.0, 1.0]}[mode]
+    enc = encode_from_values(w, codebook, sparse=True, compact=False)
+    assert st._filler_modes(enc)[0] == mode
+    for r in range(1 if mode != "marker" else 2, 9):
+        assert np.array_equal(_decode_streams(enc, r, mode), w), r
+    model = _model({"wg": w})
+    out = apply_storage(model, {"wg": enc}, packing="bits")
+    _check_exact(model, out)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float16_weights(sparse):
+    rng = np.random.default_rng(3)
+    weights, encodings = {}, {}
+    for name in ("wg", "wm"):
+        w, codebook = _quantized(rng, SHAPES[name], 3, 0, sparse, dtype=np.float16)
+        weights[name] = w
+        encodings[name] = encode_from_values(w, codebook, 0, sparse)
+        assert encodings[name].dtype == np.float16
+    reference = _model(weights)
+    out = apply_storage(reference, encodings, packing="bits")
+    _check_exact(reference, out)
+    cb = [t for t in out.graph.initializer if t.name.endswith("/codebook")]
+    assert cb and all(t.data_type == TensorProto.FLOAT16 for t in cb)
+
+
+def test_float32_codebook_stored_as_float16_when_exact():
+    rng = np.random.default_rng(4)
+    w, codebook = _quantized(rng, SHAPES["wm"], 2, None, False, dtype=np.float16)
+    w = w.astype(np.float32)  # fp32 weight whose levels happen to be fp16 values
+    enc = encode_from_values(w, codebook)
+    reference = _model({"wm": w})
+    out = apply_storage(reference, {"wm": enc})
+    _check_exact(reference, out)
+    (cb,) = [t for t in out.graph.initializer if t.name.endswith("/codebook")]
+    assert cb.data_type == TensorProto.FLOAT16
+    w2 = w.copy()
+    w2[w2 == w2.flat[0]] = np.float32(0.1)  # not a float16 value
+    enc2 = encode_from_values(w2, np.unique(w2))
+    (cb2,) = [
+        t
+        for t in _new_initializers(reference, apply_storage(reference, {"wm": enc2}))
+        if "codebook" in t.name
+    ]
+    assert cb2.data_type == TensorProto.FLOAT
+
+
+def test_group_axis_not_first():
+    rng = np.random.default_rng(5)
+    weights, encodings = {}, {}
+    for name, axis in (("wc", 1), ("wm", 1)):
+        for sparse in (False, True):
+            w, codebook = _quantized(rng, SHAPES[name], 2, axis, sparse)
+            weights[name] = w
+            encodings[name] = encode_from_values(w, codebook, axis, sparse, compact=False)
+        reference = _model({name: weights[name]})
+        _check_exact(reference, apply_storage(reference, {name: encodings[name]}, packing="bits"))
+
+
+# --------------------------------------------------------------------------------------------------
+# opsets and IR versions
+
+
+def test_dense_keeps_old_opset_and_ir3():
+    rng = np.random.default_rng(6)
+    w, codebook = _quantized(rng, SHAPES["wm"], 3, 0, False)
+    reference = _model({"wm": w}, opset=7, ir=3, as_inputs=True)
+    out = apply_storage(reference, {"wm": encode_from_values(w, codebook, 0)}, packing="bits")
+    assert out.opset_import[0].version == 7 and out.ir_version == 3
+    inputs = {v.name for v in out.graph.input}
+    assert "wm" not in inputs and {t.name for t in out.graph.initializer} <= inputs  # IR 3 rule
+    _check_exact(reference, out)
+
+
+def test_sparse_raises_opset_and_ir():
+    rng = np.random.default_rng(8)
+    w, codebook = _quantized(rng, SHAPES["wm"], 2, None, True)
+    reference = _model({"wm": w}, opset=7, ir=3, as_inputs=True)
+    out = apply_storage(reference, {"wm": encode_from_values(w, codebook, sparse=True)})
+    assert out.opset_import[0].version == 11 and out.ir_version == 6
+    assert [v.name for v in out.graph.input] == ["x2"]  # initializers stay constants for onnxruntime
+    _check_exact(reference, out)
+
+
+def test_opset_raise_through_version_converter():
+    rng = np.random.default_rng(9)
+    w, codebook = _quantized(rng, SHAPES["wm"], 2, None, True)
+    reference = _model({"wm": w}, opset=10)
+    relu = helper.make_node("Clip", ["y3"], ["z"], name="clip", min=-0.5, max=0.5)  # Clip-6 -> Clip-11
+    reference.graph.node.append(relu)
+    reference.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 12]))
+    out = apply_storage(reference, {"wm": encode_from_values(w, codebook, sparse=True)})
+    assert out.opset_import[0].version == 11
+    assert any(n.op_type == "Clip" and len(n.input) == 3 for n in out.graph.node)
+    _check_exact(reference, out)
+
+
+def test_opset_min():
+    rng = np.random.default_rng(10)
+    w, codebook = _quantized(rng, SHAPES["wm"], 2, None, False)
+    out = apply_storage(_model({"wm": w}, opset=9), {"wm": encode_from_values(w, codebook)}, opset_min=13)
+    assert out.opset_import[0].version == 13
+    _check_exact(_model({"wm": w}, opset=13), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers and errors
+
+
+def test_pack_roundtrip():
+    rng = np.random.default_rng(11)
+    for width in range(1, 17):
+        for count in (1, 7, 8, 9, 100):
+            values = rng.integers(0, 2**width, count)
+            packed = st._pack(values, width)
+            assert packed.nbytes == st._packed_nbytes(count, width)
+            assert packed.nbytes - math.ceil(count * width / 8) < width
+            assert np.array_equal(st._unpack(packed, width, count), values)
+
+
+def test_encode_errors_and_choices():
+    w = np.array([[0.5, -0.5], [0.0, 0.25]], np.float32)
+    with pytest.raises(OnnxAdmmError, match="not on codebook"):
+        encode_from_values(w, [0.0, 0.5, -0.5])
+    with pytest.raises(OnnxAdmmError, match="need 2 bits"):
+        encode_from_values(w, [0.0, 0.5, -0.5, 0.25], bits=1)
+    # sparse: zeros need not be on the codebook; compact drops unused levels
+    enc = encode_from_values(w, [-0.5, 0.0, 0.25, 0.5, 1.0], sparse=True)
+    assert enc.levels == 3 and enc.bits == 2 and enc.stored == 3
+    ternary = np.where(np.arange(20_000) % 97 == 0, 0.5, 0.0).astype(np.float32)
+    ternary[::194] = -0.5
+    enc = encode_from_values(ternary, [-0.5, 0.0, 0.5])
+    assert enc.sparse and enc.bits == 1  # auto: sparse is smaller, and the 0 level is dropped
+    assert np.array_equal(decode(enc), ternary)
+    dense = np.where(np.arange(1000) % 3 == 0, 0.5, 0.0).astype(np.float32)
+    enc = encode_from_values(dense, [-0.5, 0.0, 0.5])
+    assert not enc.sparse and enc.bits == 1  # a third non-zero: the dense form is smaller
+    with pytest.raises(OnnxAdmmError, match="codes must lie"):
+        Encoded((2,), np.float32, np.array([0, 3]), 1, np.array([1.0, 2.0])).validate()
+
+
+def test_apply_errors():
+    w = np.ones(SHAPES["wm"], np.float32)
+    model = _model({"wm": w})
+    enc = encode_from_values(w, [1.0])
+    with pytest.raises(OnnxAdmmError, match="not an initializer"):
+        apply_storage(model, {"nope": enc})
+    with pytest.raises(OnnxAdmmError, match="the encoding is"):
+        apply_storage(model, {"wm": encode_from_values(np.ones((12, 20), np.float32), [1.0])})
+    with pytest.raises(OnnxAdmmError, match="packing"):
+        apply_storage(model, {"wm": enc}, packing="nibbles")
+
+
+def test_theoretical_deep_compression():
+    codes = np.array([0, 1, 2])
+    enc = Encoded((32,), np.float32, codes, 2, np.array([1.0, 2.0, 3.0]), positions=np.array([0, 5, 20]))
+    t = theoretical(enc, gap_bits=2)  # skips 0, 4, 14 -> fillers 0 + 1 + 3 (each covers 4 positions)
+    assert t["fillers"] == 4 and t["entries"] == 7
+    assert t["bits"] == {"codes": 14, "positions": 14, "codebook": 96, "total": 124}
+    best = theoretical(enc)
+    assert best["bits"]["total"] == min(theoretical(enc, r)["bits"]["total"] for r in range(1, 17))
+    dense = theoretical(Encoded((4,), np.float32, np.array([0, 1, 1, 0]), 1, np.array([1.0, 2.0])))
+    assert dense["bits"] == {"codes": 4, "positions": 0, "codebook": 64, "total": 68}
+
+
+def test_analyze_plain_weights_and_metadata_merge():
+    rng = np.random.default_rng(12)
+    wg, cb = _quantized(rng, SHAPES["wg"], 2, None, True)
+    wm = np.where(rng.random(SHAPES["wm"]) < 0.8, 0, 1).astype(np.float32)
+    model = _model({"wg": wg, "wm": wm, "wc": rng.standard_normal(SHAPES["wc"]).astype(np.float32)})
+    # wm as an onnx COO sparse initializer
+    (dense_wm,) = [t for t in model.graph.initializer if t.name == "wm"]
+    model.graph.initializer.remove(dense_wm)
+    idx = np.flatnonzero(wm)
+    model.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(
+            numpy_helper.from_array(wm.reshape(-1)[idx], "wm"),
+            numpy_helper.from_array(idx, "wm_idx"),
+            wm.shape,
+        )
+    )
+    out = apply_storage(model, {"wg": encode_from_values(wg, cb, sparse=True)})
+    report = analyze(out)
+    assert set(report) == {"wg", "wm", "wc"}
+    assert report["wc"]["storage"] == "dense" and report["wc"]["bytes"]["total"] == 4 * 216
+    assert report["wm"]["storage"] == "coo" and report["wm"]["nonzero"] == idx.size
+    assert (
+        report["wm"]["bytes"]["codes"] == 4 * idx.size and report["wm"]["bytes"]["positions"] == 8 * idx.size
+    )
+    assert report["wg"]["storage"] == "codebook" and report["wg"]["sparse"]
+    # everything the file holds for weights and decoders, plus the rest of the graph, is the file
+    weights_share = sum(r["bytes"]["total"] + r["bytes"]["nodes"] for r in report.values())
+    assert weights_share < out.ByteSize() < weights_share + 800
+    # a second call adds to the metadata instead of replacing it
+    wc = np.where(rng.random(SHAPES["wc"]) < 0.5, 0.5, -0.5).astype(np.float32)
+    again = apply_storage(out, {"wc": encode_from_values(wc, [-0.5, 0.5])})
+    meta = json.loads(dict((p.key, p.value) for p in again.metadata_props)[METADATA_KEY])
+    assert set(meta) == {"wg", "wc"}
+    assert {n.name.split("/")[1] for n in again.graph.node if n.name.startswith(PREFIX)} == {"wg", "wc"}
+    feeds = _feeds(again)
+    assert np.array_equal(_run(again, feeds)[0], _run(_model({"wc": wc}), {"x1": feeds["x1"]})[0])
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10, 13, 21])
+def test_dense_decoder_at_each_opset(opset):
+    """The dense decoder's opset-dependent forms (MatMul/ReduceSum, Mod, Slice, Range) all run."""
+    rng = np.random.default_rng(opset)
+    w, codebook = _quantized(rng, SHAPES["wm"], 3, 0, False)  # 240 codes: 30 rows of 8, no padding
+    w2, codebook2 = _quantized(rng, (12, 20), 5, 1, False)  # 240 codes at 5 bits, groups on axis 1
+    reference = _model({"wm": w}, opset=opset)
+    out = apply_storage(reference, {"wm": encode_from_values(w, codebook, 0, compact=False)}, packing="bits")
+    assert out.opset_import[0].version == opset
+    _check_exact(reference, out)
+    w3 = np.concatenate([w2, w2[:1]])  # 13 x 20 = 260 codes: padding to drop
+    enc = encode_from_values(w3, codebook2, 1, compact=False)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w3"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 13])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 20])],
+        [numpy_helper.from_array(w3, "w3")],
+    )
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    reference.ir_version = helper.find_min_ir_version_for(list(reference.opset_import))
+    _check_exact(reference, apply_storage(reference, {"w3": enc}, packing="bits"))
+
+
+def test_unfolded_decode_nodes_reports_what_stays():
+    """The folding check can fail: a decoder whose input may be overridden is not folded."""
+    rng = np.random.default_rng(14)
+    w, codebook = _quantized(rng, SHAPES["wm"], 2, None, False)
+    out = apply_storage(_model({"wm": w}), {"wm": encode_from_values(w, codebook)})
+    (codes,) = [t for t in out.graph.initializer if t.name.endswith("/codes")]
+    out.graph.input.append(helper.make_tensor_value_info(codes.name, codes.data_type, list(codes.dims)))
+    assert unfolded_decode_nodes(out)
+
+
+@pytest.mark.slow
+def test_ten_million_weights_load_fast():
+    """A 10M-element weight (dense 4-bit per channel, and 90% sparse 3-bit) decodes at load quickly."""
+    import time
+
+    rng = np.random.default_rng(15)
+    rows, cols = 4000, 2500
+    for sparse in (False, True):
+        w, codebook = _quantized(rng, (rows, cols), 4 if not sparse else 3, None if sparse else 0, sparse)
+        enc = encode_from_values(w, codebook, None if sparse else 0, sparse)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+            [numpy_helper.from_array(w, "w")],
+        )
+        reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        out = apply_storage(reference, {"w": enc})
+        assert out.ByteSize() < reference.ByteSize() / (6 if not sparse else 30)
+        start = time.perf_counter()
+        sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert time.perf_counter() - start < 20
+        x = rng.standard_normal((1, rows)).astype(np.float32)
+        assert np.array_equal(sess.run(None, {"x": x})[0], _run(reference, {"x": x})[0])

@@ -1,0 +1,122 @@
+"""``onnxadmm report``: per-layer storage of plain, codebook-stored and int8 models; Deep Compression count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnxadmm_cli.main import cli
+
+from onnxadmm.compress.pipeline import compress
+from onnxadmm.validate.storage_report import deep_compression, storage_report
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+WEIGHTS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+FAST = {"admm_iterations": 1, "retrain_epochs": 1, "min_batches": 1, "max_batches_per_epoch": 2, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("report")
+    out = {}
+    out["codebook"] = d / "pq.onnx"
+    compress(MODEL, out["codebook"], "digits", quiet=True, rate=8, bits=2, **FAST)
+    out["int8"] = d / "i8.onnx"
+    compress(MODEL, out["int8"], "digits", quiet=True, bits=8, fmt="int8", **FAST)
+    return out
+
+
+def decoded_weights(path: Path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    for n in WEIGHTS:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    return dict(zip(WEIGHTS, sess.run(WEIGHTS, {sess.get_inputs()[0].name: x})))
+
+
+def test_deep_compression_count_by_hand():
+    w = np.zeros(10, np.float32)
+    w[2], w[9] = 1.0, -1.0  # runs of 2 and 6 zeros before the two values; K = 2 -> 1 bit
+    dc = deep_compression(w)
+    # r = 3: no filler (2 // 8 = 6 // 8 = 0): 2 entries x (1 + 3) bits + codebook 2 x 32 = 72 bits;
+    # r = 2: one filler (6 // 4): 3 x 3 + 64 = 73; dense: 10 x 2 bits (3 levels with 0) + 64 = 84
+    assert dc["encoding"] == "sparse" and dc["gap_bits"] == 3 and dc["fillers"] == 0
+    assert dc["total_bits"] == 72 and dc["bytes"] == 9
+    dense = deep_compression(np.array([0.5, -0.5, 0.5, 0.5], np.float32))
+    assert dense["encoding"] == "dense" and dense["total_bits"] == 4 * 1 + 2 * 32
+    raw = deep_compression(np.arange(1, 301, dtype=np.float32))  # 300 distinct values: raw floats
+    assert raw["value_bits"] == 32 and raw["total_bits"] == 300 * 32
+
+
+def test_codebook_model_report(compressed):
+    path = compressed["codebook"]
+    rep = storage_report(path, reference=MODEL)
+    w = decoded_weights(path)
+    assert [x["name"] for x in rep["layers"]] == WEIGHTS
+    for x in rep["layers"]:
+        b = x["bytes"]
+        assert x["storage"] == "codebook"
+        assert b["file"] == b["values"] + b["positions"] + b["codebook"]
+        assert x["nonzero"] == np.count_nonzero(w[x["name"]]) and x["params"] == w[x["name"]].size
+        assert x["distinct"] == len(np.unique(w[x["name"]][w[x["name"]] != 0])) <= 3
+        assert x["ratio_file"] == pytest.approx(4 * x["params"] / b["file"])
+    t = rep["total"]
+    assert t["file_weight_bytes"] == sum(x["bytes"]["file"] for x in rep["layers"])
+    assert t["file_weight_bytes"] < rep["file_bytes"] < MODEL.stat().st_size
+    assert t["theoretical_bytes"] == pytest.approx(sum(x["deep_compression"]["bytes"] for x in rep["layers"]))
+    assert t["pruning_rate"] >= 8 * 0.99
+    assert rep["file_ratio"] == pytest.approx(MODEL.stat().st_size / path.stat().st_size)
+    # compress printed and stored the same summary
+    saved = json.loads(path.with_name("pq.report.json").read_text())
+    assert saved["storage"]["total"]["file_weight_bytes"] == t["file_weight_bytes"]
+    assert sorted(saved["format"]["codebook_tensors"]) == sorted(WEIGHTS)
+
+
+def test_int8_model_report(compressed):
+    rep = storage_report(compressed["int8"])
+    assert {x["storage"] for x in rep["layers"]} == {"int8"}
+    for x in rep["layers"]:
+        assert x["bits"] == 8 and x["bytes"]["values"] == x["params"]  # one int8 per weight
+        assert x["bytes"]["codebook"] > 0  # scales and zero points
+        assert 3.5 < x["ratio_file"] <= 4.0
+
+
+def test_plain_model_report():
+    rep = storage_report(MODEL)
+    for x in rep["layers"]:
+        assert x["storage"] == "dense" and x["bits"] == 32
+        assert x["bytes"]["file"] == 4 * x["params"] and x["ratio_file"] == 1.0
+
+
+def test_cli_report_json_and_text(compressed):
+    r = CliRunner().invoke(cli, ["report", str(compressed["codebook"]), "--reference", str(MODEL), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["total"]["params"] == 38160 and "file_ratio" in d
+    r = CliRunner().invoke(cli, ["report", str(compressed["codebook"])])
+    assert r.exit_code == 0 and "Deep Compression" in r.output and "fc1.weight" in r.output
+
+
+def test_cli_report_plot(compressed, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "s.png"
+    r = CliRunner().invoke(cli, ["report", str(compressed["codebook"]), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_report_errors(tmp_path):
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.onnx")])
+    assert r.exit_code != 0 and "missing.onnx" in r.output and "Traceback" not in r.output
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    r = CliRunner().invoke(cli, ["report", str(bad)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
