@@ -45,6 +45,7 @@ class CompressConfig:
     edge_bits: int | None = None  # bits for the first and last compressible layers (None: as --bits)
     layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates
     exclude: list = field(default_factory=list)  # weight names or glob patterns left dense
+    allocation_power: float = 0.3  # automatic per-layer rates: layer i keeps c * n_i ** power weights
     progressive: bool = True  # reach high rates in steps
     step_factor: float = 8.0  # largest rate ratio between two progressive steps
     admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
@@ -103,6 +104,8 @@ class CompressConfig:
         for name in ("epochs_per_iteration", "retrain_epochs", "distill"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if not 0 <= self.allocation_power <= 1:
+            raise ConfigError(f"allocation_power {self.allocation_power!r}: expected a number from 0 to 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
         return self

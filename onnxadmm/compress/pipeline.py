@@ -161,7 +161,7 @@ def compress(
     if train.labels is None or cfg.distill > 0:
         teacher = _teacher_outputs(module, train, device)
 
-    final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude)
+    final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
     pruning = any(final[n] < sizes[n] for n in sizes)
     steps = []
     if pruning or not cfg.quantizing:

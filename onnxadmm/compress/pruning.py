@@ -10,6 +10,9 @@ import torch
 from ..errors import ConfigError
 
 
+DEFAULT_POWER = 0.3  # per-layer allocation: keep_i proportional to n_i ** power (see allocate)
+
+
 def topk_mask(w: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the ``k`` largest |w| (restricted to ``allowed`` when given)."""
     flat = w.detach().abs().flatten()
@@ -34,15 +37,24 @@ def matches(name: str, patterns) -> bool:
 
 
 def allocate(
-    sizes: dict[str, int], rate: float, fixed: dict[str, float] | None = None, exclude=()
+    sizes: dict[str, int],
+    rate: float,
+    fixed: dict[str, float] | None = None,
+    exclude=(),
+    power: float = DEFAULT_POWER,
 ) -> dict[str, int]:
     """Non-zeros to keep per layer so that sum(sizes) / sum(kept) == rate.
 
     Layers named in ``fixed`` keep size/rate; excluded layers stay dense. The others keep
-    ``min(n, c * sqrt(n))`` weights, ``c`` solved by bisection: small layers (first convolutions,
-    classifier heads) are the most sensitive and cost little storage, so they keep a larger
-    fraction, while the big layers, which hold most of the redundancy, are pruned hardest.
+    ``min(n, c * n**power)`` weights, ``c`` solved by bisection. With ``power`` < 1 small layers
+    (first convolutions, classifier heads) keep a larger fraction: they are the most sensitive and
+    cost little, while the big layers, which hold most of the redundancy, are pruned hardest.
+    ``power`` 1 is uniform pruning, 0 gives every layer the same count. The default 0.3 was chosen
+    on LeNet-5/MNIST (``benchmarks/``: magnitude pruning + the same retraining at 50x and 246x
+    reached higher accuracy at 0.3 than at 0.5, the square root).
     """
+    if not 0 <= power <= 1:
+        raise ConfigError(f"allocation power {power!r}: expected a number from 0 to 1")
     fixed = dict(fixed or {})
     total = sum(sizes.values())
     budget = total / rate
@@ -70,9 +82,9 @@ def allocate(
         return keep
 
     def kept(c: float) -> float:
-        return sum(min(sizes[n], max(1.0, c * math.sqrt(sizes[n]))) for n in free)
+        return sum(min(sizes[n], max(1.0, c * sizes[n] ** power)) for n in free)
 
-    lo, hi = 0.0, max(math.sqrt(sizes[n]) for n in free) + 1.0
+    lo, hi = 0.0, max(sizes[n] ** (1.0 - power) for n in free) + 1.0
     for _ in range(100):
         mid = (lo + hi) / 2
         if kept(mid) > left:
@@ -80,7 +92,7 @@ def allocate(
         else:
             lo = mid
     for n in free:
-        keep[n] = int(min(sizes[n], max(1, round(lo * math.sqrt(sizes[n])))))
+        keep[n] = int(min(sizes[n], max(1, round(lo * sizes[n] ** power))))
     return keep
 
 
