@@ -52,11 +52,11 @@ class CompressConfig:
     epochs_per_iteration: float = 1.0
     retrain_epochs: float = 4.0  # masked retraining epochs per step
     rho: float = 1e-3  # initial ADMM penalty
-    rho_multiplier: float = 2.0  # rho grows by this per ADMM iteration (multi-rho)
+    rho_multiplier: float = 3.0  # rho grows by this per ADMM iteration (multi-rho): 1e-3 .. 0.24 in 6
     rho_max: float = 1.0
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
-    retrain_lr: float = 5e-4  # masked retraining learning rate
+    retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
     retrain_schedule: str = "cosine"  # cosine (decay to 0 over each step's retraining) | constant
     momentum: float = 0.9  # sgd only
     batch_size: int = 128
