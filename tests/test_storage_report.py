@@ -43,15 +43,19 @@ def decoded_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_deep_compression_count_by_hand():
-    w = np.zeros(10, np.float32)
-    w[2], w[9] = 1.0, -1.0  # runs of 2 and 6 zeros before the two values; K = 2 -> 1 bit
+    w = np.zeros(40, np.float32)
+    w[::5] = [1, -1, 1, -1, 1, -1, 1, -1]  # 8 values, runs of 4 zeros between them; K = 2 -> 1 bit
     dc = deep_compression(w)
-    # r = 3: no filler (2 // 8 = 6 // 8 = 0): 2 entries x (1 + 3) bits + codebook 2 x 32 = 72 bits;
-    # r = 2: one filler (6 // 4): 3 x 3 + 64 = 73; dense: 10 x 2 bits (3 levels with 0) + 64 = 84
+    # codebook, r = 3: no filler (4 // 8 = 0): 8 entries x (1 + 3) bits + codebook 2 x 32 = 96 bits;
+    # r = 2: a filler per run (4 // 4): 15 x 3 + 64 = 109; dense: 40 x 2 bits (3 levels with 0) + 64 = 144;
+    # raw floats: 8 x (32 + 3) = 280 sparse, 1280 dense
     assert dc["encoding"] == "sparse" and dc["gap_bits"] == 3 and dc["fillers"] == 0
-    assert dc["total_bits"] == 72 and dc["bytes"] == 9
-    dense = deep_compression(np.array([0.5, -0.5, 0.5, 0.5], np.float32))
-    assert dense["encoding"] == "dense" and dense["total_bits"] == 4 * 1 + 2 * 32
+    assert dc["value_bits"] == 1 and dc["total_bits"] == 96 and dc["bytes"] == 12
+    two = np.zeros(10, np.float32)
+    two[2], two[9] = 1.0, -1.0  # so few values that raw floats beat a codebook: 2 x (32 + 3) = 70 < 72
+    assert deep_compression(two)["total_bits"] == 70 and deep_compression(two)["value_bits"] == 32
+    dense = deep_compression(np.array([0.5, -0.5, 0.5, 0.5] * 4, np.float32))
+    assert dense["encoding"] == "dense" and dense["total_bits"] == 16 * 1 + 2 * 32
     raw = deep_compression(np.arange(1, 301, dtype=np.float32))  # 300 distinct values: raw floats
     assert raw["value_bits"] == 32 and raw["total_bits"] == 300 * 32
 

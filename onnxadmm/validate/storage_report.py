@@ -72,28 +72,36 @@ def _decoded(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def deep_compression(w: np.ndarray) -> dict:
-    """Deep-Compression-style storage of ``w`` (see the module docstring), in bits and bytes."""
+    """Deep-Compression-style storage of ``w`` (see the module docstring), in bits and bytes: the
+    cheapest of values as raw floats or as ``b``-bit codes into a codebook (when ``K <= 256``), each
+    dense or sparse with ``r``-bit relative positions."""
     flat = np.asarray(w).ravel()
     n = flat.size
     nz = np.flatnonzero(flat)
-    values = np.unique(flat[nz])
-    k = len(values)
+    k = len(np.unique(flat[nz]))
     raw = 16 if flat.dtype == np.float16 else 32
+    forms = [(raw, 0, raw)]  # (bits per stored value, codebook bits, bits per value when dense)
     if 0 < k <= 256:
-        bits, codebook = max(1, math.ceil(math.log2(k))), k * 32
-        dense_bits = max(1, math.ceil(math.log2(k + (1 if len(nz) < n else 0)))) * n + codebook
-    else:
-        bits, codebook = raw, 0
-        dense_bits = raw * n
-    best = {"encoding": "dense", "value_bits": bits, "gap_bits": 0, "fillers": 0, "total_bits": dense_bits}
-    if len(nz) < n:
-        skips = np.diff(np.concatenate([[-1], nz])) - 1
-        for r in range(1, 17):
-            fillers = int((skips // (2**r)).sum())
-            total = (len(nz) + fillers) * (bits + r) + codebook
-            if total < best["total_bits"]:
-                best = {"encoding": "sparse", "value_bits": bits, "gap_bits": r, "fillers": fillers, "total_bits": total}
-    best["codebook_bits"] = codebook
+        dense_bits = max(1, math.ceil(math.log2(k + (1 if len(nz) < n else 0))))
+        forms.append((max(1, math.ceil(math.log2(k))), k * 32, dense_bits))
+    skips = np.diff(np.concatenate([[-1], nz])) - 1 if len(nz) < n else None
+    best = None
+    for bits, codebook, dense in forms:
+        options = [("dense", 0, 0, dense * n + codebook)]
+        if skips is not None:
+            for r in range(1, 17):
+                fillers = int((skips // (2**r)).sum())
+                options.append(("sparse", r, fillers, (len(nz) + fillers) * (bits + r) + codebook))
+        for enc, r, fillers, total in options:
+            if best is None or total < best["total_bits"]:
+                best = {
+                    "encoding": enc,
+                    "value_bits": dense if enc == "dense" else bits,
+                    "gap_bits": r,
+                    "fillers": fillers,
+                    "codebook_bits": codebook,
+                    "total_bits": total,
+                }
     best["bytes"] = best["total_bits"] / 8
     return best
 
