@@ -9,7 +9,6 @@ import torch
 
 from ..errors import ConfigError
 
-
 DEFAULT_POWER = 0.3  # per-layer allocation: keep_i proportional to n_i ** power (see allocate)
 
 
