@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import shlex
 import statistics
 import sys
@@ -119,8 +120,12 @@ class Runner:
             st = self.e.state
             self.zu = {n: st.Z[n] - st.U[n] for n in self.e.names}
 
-    def step(self, xs, y, t) -> float:
+    def step(self, xs, y, t, i: int = 0, total: int = 1) -> float:
         e, opt = self.e, self.opt
+        if self.masked and e.cfg.retrain_schedule == "cosine":  # as Engine.train_epoch, retraining unit 0
+            progress = (i / total) / max(1, math.ceil(e.cfg.retrain_epochs))
+            for g in opt.param_groups:
+                g["lr"] = e.cfg.retrain_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         opt.zero_grad(set_to_none=True)
         outs = e._outs(xs)
         loss = loss_fn(e.heads, outs, y, t, e.cfg.distill, e.cfg.temperature)
@@ -131,8 +136,9 @@ class Runner:
                 for n, p in e.params.items():
                     p.grad.add_(p, alpha=rho).sub_(self.zu[n], alpha=rho)
         else:
-            total_loss = loss + e.penalty() if self.admm else loss
-            total_loss.backward()
+            loss.backward()
+            if self.admm:
+                e.add_penalty_grad()
         opt.step()
         if e.state.masks:
             e.apply_masks()
@@ -154,8 +160,8 @@ class Runner:
             return self.e.train_epoch(Unit("admm", 0, self.k - 1), self.opt, "admm")
         if self.masked:
             return self.e.train_epoch(Unit("retrain", 0, 0), self.opt, "retrain")
-        for xs, y, t, _ in self.batches():
-            self.step(xs, y, t)
+        for i, (xs, y, t, total) in enumerate(self.batches()):
+            self.step(xs, y, t, i, total)
         self.end()
         return {}
 
@@ -171,8 +177,8 @@ def check_replica(proto, train, val, cfg, rate) -> float:
         ref.e.evaluate = lambda: {}
         ref.train_epoch()
         rep.e.m.train()
-        for xs, y, t, _ in rep.batches():
-            rep.step(xs, y, t)
+        for i, (xs, y, t, total) in enumerate(rep.batches()):
+            rep.step(xs, y, t, i, total)
         rep.end()
         for n in ref.e.names:
             worst = max(worst, float((ref.e.params[n] - rep.e.params[n]).detach().abs().max()))
@@ -198,11 +204,11 @@ def interleaved_epoch(runners: dict[str, Runner], r: int) -> dict[str, dict]:
         for m in order:
             t0 = time.perf_counter()
             try:
-                xs, y, t, _ = next(gens[m])
+                xs, y, t, total = next(gens[m])
             except StopIteration:
                 done = True
                 break
-            runners[m].step(xs, y, t)
+            runners[m].step(xs, y, t, b, total)
             out[m]["steps"].append(time.perf_counter() - t0)
         if done:
             break

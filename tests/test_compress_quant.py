@@ -186,3 +186,22 @@ def test_readme_default_rate_without_quantization():
     assert CompressConfig().validate().rate == 20.0
     assert CompressConfig(bits=4).validate().rate == 1.0
     assert CompressConfig(bits=4, rate="50x").validate().rate == 50.0
+
+
+def test_retraining_lr_decays_with_cosine_in_quiet_mode():
+    """The schedule counts batches itself (a disabled progress bar does not count them)."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    x = load_data("digits", input_specs_of(proto), limit=24).inputs["input"]
+    train = Dataset({"input": x}, np.arange(24) % 10)
+    cfg = CompressConfig(batch_size=8, min_batches=1, retrain_epochs=1, retrain_lr=1e-3).validate()
+    e = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], log=lambda s: None, quiet=True)
+    e.hard_prune(0)
+    opt = e.make_optimizer(cfg.retrain_lr)
+    e.train_epoch(Unit("retrain", 0, 0), opt, "t")  # 3 batches: lr at progress 0, 1/3, 2/3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 2 / 3)))
+    cfg.retrain_schedule = "constant"
+    opt = e.make_optimizer(cfg.retrain_lr)
+    e.train_epoch(Unit("retrain", 0, 0), opt, "t")
+    assert opt.param_groups[0]["lr"] == 1e-3

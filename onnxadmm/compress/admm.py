@@ -285,11 +285,11 @@ class Engine:
         self.m.train()
         n_units = max(1, math.ceil(self.cfg.retrain_epochs))
         cosine = not admm and self.cfg.retrain_schedule == "cosine"
-        for xs, y, t, total in self.batches(epochs):
+        for done, (xs, y, t, total) in enumerate(self.batches(epochs)):
             if bar is None:
                 bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
             if cosine:  # lr from the position in this step's retraining (stateless: resume-safe)
-                progress = (unit.index + bar.n / total) / n_units
+                progress = (unit.index + done / total) / n_units
                 for g in optimizer.param_groups:
                     g["lr"] = self.cfg.retrain_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
             optimizer.zero_grad(set_to_none=True)
