@@ -14,7 +14,7 @@ import torch
 from ..data import Dataset
 from .config import CompressConfig
 from .objective import Head, label_indices, loss_fn, predictions
-from .pruning import project, topk_mask
+from .pruning import topk_mask
 
 
 @dataclass
@@ -180,14 +180,12 @@ class Engine:
     def project(self, n: str, w: torch.Tensor, step: int) -> torch.Tensor:
         """Euclidean projection of ``w`` onto layer ``n``'s set at ``step``: the support first (the
         kept count inside the existing mask), then, in a quantization step, the levels on it."""
-        keep = self.keep[step][n]
-        z = project(w, keep, self.state.masks.get(n))
+        keep, mask = self.keep[step][n], self.state.masks.get(n)
+        support = topk_mask(w, keep, mask)
+        z = w * support
         spec = (self.quant[step] or {}).get(n)
-        if spec is not None:
-            support = None
-            if keep < w.numel() or n in self.state.masks:
-                support = topk_mask(w, keep, self.state.masks.get(n))
-            z, _ = spec.project(z, support)
+        if spec is not None:  # levels fitted on the support (a dense layer: on every entry)
+            z, _ = spec.project(z, support if (keep < w.numel() or mask is not None) else None)
             z = z.to(w.dtype)
         return z
 
