@@ -261,9 +261,9 @@ def pieces(e_admm: Engine, e_rt: Engine, batches: int, reps: int) -> dict[str, f
     for p in w:
         p.grad = torch.zeros_like(p)
     per_batch = {
-        "penalty fwd+bwd, autograd (as train_epoch)": penalty_autograd,
+        "former penalty: fwd+bwd by autograd": penalty_autograd,
         "apply_masks, bool masks (as Engine.apply_masks)": masks_bool,
-        "alternative: penalty gradient added in place": penalty_inplace,
+        "penalty gradient added in place (as Engine.add_penalty_grad)": penalty_inplace,
         "alternative: apply_masks with float masks": masks_float,
     }
     calls: dict[str, list[float]] = {k: [] for k in per_batch}
@@ -463,11 +463,12 @@ copy per mode): Adam, batch {args.batch}, cross-entropy, the same batches (`Engi
 Data: {src}, {batches} batches per epoch.
 
 - fine-tune: zero_grad, forward, loss, backward, step, `loss.item()`.
-- ADMM W-step: one batch of `Engine.train_epoch` on an `admm` unit: the loss plus the penalty
-  rho/2 sum ||W - Z + U||^2 over the 4 weight tensors; at the epoch end the Z-step (top-k
+- ADMM W-step: one batch of `Engine.train_epoch` on an `admm` unit: the loss's gradient plus the
+  gradient of the penalty rho/2 sum ||W - Z + U||^2, rho (W - Z + U), added in place to each of the
+  4 weight tensors' `.grad` (`Engine.add_penalty_grad`); at the epoch end the Z-step (top-k
   projection), U-step and residual ("epoch end" column).
 - masked retrain: one batch of `Engine.train_epoch` on a `retrain` unit after `hard_prune` to
-  {args.rate:g}x: the plain loss, masks re-applied after every optimizer step.
+  {args.rate:g}x: the plain loss, masks re-applied after every optimizer step, the lr set per batch (cosine).
 {alt_text}
 The modes run batch by batch in turn (order rotated every batch), so that they share the
 machine's load; the per-batch code is `Engine.train_epoch`'s loop body, checked before timing to
@@ -484,17 +485,16 @@ ops more than with its arithmetic, which penalizes the penalty's many elementwis
 
 Result (ratio of the medians): {verdict}.
 
-Reading the tables: the W-step's extra cost per batch is the penalty, computed as a value and
-differentiated by autograd (per weight tensor: sub, add, pow, sum and scale forward; pow backward and
-gradient accumulation backward, over the 430,500 LeNet-5 weights). The "alt." row does the same
-update with two in-place ops per tensor; masked retraining's extra cost is `apply_masks`, which
-multiplies by bool masks (a dtype conversion per tensor and step).
+Reading the tables: the W-step's extra cost per batch is the penalty's gradient, two in-place
+elementwise ops per weight tensor over the 430,500 LeNet-5 weights (until 2026-11-23 the engine
+computed the penalty's value and differentiated it by autograd: the "autograd" piece below, about
+five times the cost); masked retraining's extra cost is `apply_masks`, which multiplies by bool
+masks (a dtype conversion per tensor and step).
 {whole_text}
 Cost of the pieces that plain fine-tuning does not have, per epoch, each timed alone (per-batch
-pieces: median of 30 interleaved calls x {batches} batches; per-epoch pieces: median of 3). The two
-"alternative" rows are not onnxadmm code: they time cheaper ways to do the same work, the penalty's
-gradient rho (W - (Z - U)) added in place to `.grad` without autograd (Z - U fixed during a
-W-step), and masks kept as float tensors instead of bool.
+pieces: median of 30 interleaved calls x {batches} batches; per-epoch pieces: median of 3). The
+"autograd" and "alternative" rows are not onnxadmm code: the former engine's penalty (value plus
+autograd), and masks kept as float tensors instead of bool.
 
 {ptable}
 
