@@ -47,6 +47,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_importer_speed import LeNet5  # noqa: E402  (Caffe's lenet, no ReLU after the convolutions)
+
 CACHE = ROOT / "benchmarks" / ".cache"
 DOCS = ROOT / "docs" / "benchmarks.md"
 DATA = Path("/work/shared/data/mnist.npz")
@@ -67,22 +70,6 @@ def load_mnist(path: Path = DATA):
             x = ((z[f"x_{split}"].astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
             out += [np.ascontiguousarray(x), z[f"y_{split}"].astype(np.int64)]
     return tuple(out)
-
-
-class LeNet5(nn.Module):
-    """Caffe's LeNet: no ReLU after the convolutions, one ReLU between the two fully connected layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        self.fc1 = nn.Linear(800, 500)
-        self.fc2 = nn.Linear(500, 10)
-
-    def forward(self, x):
-        x = torch.max_pool2d(self.conv1(x), 2)
-        x = torch.max_pool2d(self.conv2(x), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def to_onnx(state: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -86,27 +86,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Operators that compute with integer arithmetic in onnxruntime (ONNX and com.microsoft domains).
-INTEGER_KERNELS = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "NhwcQLinearConv",
-        "QLinearAdd",
-        "QLinearMul",
-        "QLinearGlobalAveragePool",
-        "QLinearAveragePool",
-        "QLinearConcat",
-        "QLinearLeakyRelu",
-        "QLinearSigmoid",
-        "QLinearSoftmax",
-    }
-)
 #: The integer matrix-product kernels (the ones that carry a layer's weight).
 INTEGER_MATMUL_KERNELS = frozenset(
     {
@@ -120,6 +99,17 @@ INTEGER_MATMUL_KERNELS = frozenset(
         "NhwcQLinearConv",
     }
 )
+#: Operators that compute with integer arithmetic in onnxruntime (ONNX and com.microsoft domains).
+INTEGER_KERNELS = INTEGER_MATMUL_KERNELS | {
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+}
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 # Operators without weights that onnxruntime's quantizer can keep in int8 (QDQ and QOperator).
