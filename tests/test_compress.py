@@ -419,6 +419,23 @@ def test_progressive_steps_with_exclusion_and_fixed_rate(tmp_path):
 
 # ---- the engine ------------------------------------------------------------------------------------
 
+def test_sparse_input_starts_the_steps_at_its_own_rate(baseline, tmp_path):
+    """A model already pruned 20x, compressed to 40x with step factor 8: one step (20x -> 40x), not
+    the two steps from dense (6.3x, 40x)."""
+    logs: list[str] = []
+    rep = compress(baseline["out"], tmp_path / "more.onnx", "digits", rate=40, log=logs.append, quiet=True, **FAST)
+    assert rep["steps"] == [40.0]
+    assert any("already 20x sparse" in line for line in logs), logs
+    assert rep["pruning_rate"] == pytest.approx(40.0, rel=0.02)
+    # the input's zeros are pruned weights: they stay pruned
+    before, after = onnx_weights(baseline["out"]), onnx_weights(tmp_path / "more.onnx")
+    for n in SIZES:
+        assert not np.any((before[n] == 0) & (after[n] != 0)), n
+    # from dense, the same settings take two steps
+    rep = compress(MODEL, tmp_path / "dense.onnx", "digits", rate=40, quiet=True, **FAST)
+    assert len(rep["steps"]) == 2
+
+
 
 def make_engine(cfg: CompressConfig, n: int = 16, ids_as_labels: bool = False) -> Engine:
     """An Engine on the digits model with ``n`` training samples; ``ids_as_labels`` makes each label

@@ -163,13 +163,22 @@ def compress(
 
     final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
     pruning = any(final[n] < sizes[n] for n in sizes)
+    # an input that is already sparse (an earlier run, another pruner) starts the steps where it is
+    with torch.no_grad():
+        start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
+    start_rate = sum(sizes.values()) / sum(start.values())
+    if pruning and start_rate > 1.001:
+        log(f"the input model is already {start_rate:.3g}x sparse: the progressive steps start from there")
     steps = []
     if pruning or not cfg.quantizing:
-        steps = progressive_rates(cfg.rate, cfg.step_factor) if cfg.progressive else [cfg.rate]
-    # progressive steps: each layer's kept count moves geometrically from dense to its final count
+        if cfg.progressive and start_rate < cfg.rate:
+            steps = progressive_rates(cfg.rate, cfg.step_factor, start=start_rate)
+        else:
+            steps = [cfg.rate]
+    # progressive steps: each layer's kept count moves geometrically from its non-zeros to its final count
     keep = [
         {
-            n: max(final[n], int(round(sizes[n] * (final[n] / sizes[n]) ** ((s + 1) / len(steps)))))
+            n: max(final[n], int(round(start[n] * (final[n] / start[n]) ** ((s + 1) / len(steps)))))
             for n in sizes
         }
         for s in range(len(steps))
@@ -184,6 +193,11 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     units = plan(cfg, len(rates))
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
+    if pruning:  # zeros of a sparse input are pruned weights: they stay pruned
+        with torch.no_grad():
+            for n in sizes:
+                if final[n] <= start[n] < sizes[n]:
+                    engine.state.masks[n] = module.parameter_for(n).detach() != 0
     meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
 
     if resume:
