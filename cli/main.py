@@ -220,7 +220,7 @@ def _defaults():
 )
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(
-    "--distill", type=float, help="Weight of distillation from the original when labels exist. [default: 0]"
+    "--distill", type=float, help="Weight of distillation from the original when labels exist. [default: 1 for classifiers, else 0]"
 )
 @click.option(
     "--progressive/--one-shot", default=None, help="Reach high rates in steps (default) or in one ADMM run."

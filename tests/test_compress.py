@@ -181,7 +181,8 @@ def test_report_contents(baseline):
     on_disk = json.loads(Path(rep["report_path"]).read_text())
     assert on_disk == json.loads(json.dumps({k: v for k, v in rep.items() if k != "report_path"}))
     assert rep["target_rate"] == 20.0
-    assert rep["config"] == CompressConfig(rate=20, seed=0, **FAST).validate().to_dict()
+    # the report holds the settings used: the automatic distillation weight resolved (labels, classifier)
+    assert rep["config"] == CompressConfig(rate=20, seed=0, distill=1.0, **FAST).validate().to_dict()
     acc = rep["accuracy"]
     assert set(acc) == {"original", "compressed"}
     assert 0 <= acc["compressed"] <= 1 and acc["original"] > 0.9
@@ -735,3 +736,17 @@ def test_cli_interrupt_and_resume(cli_run, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == cli_run["out"].read_bytes()
     assert not Path(f"{out}.ckpt").exists()
+
+
+def test_auto_distillation_needs_a_small_teacher_cache(tmp_path, monkeypatch):
+    """With labels, distillation from the original is on by default (weight 1) unless caching the
+    original's outputs would take more than TEACHER_CACHE_LIMIT; an explicit weight always wins."""
+    import onnxadmm.compress.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "TEACHER_CACHE_LIMIT", 1000)
+    logs: list[str] = []
+    rep = compress(MODEL, tmp_path / "a.onnx", "digits", rate=4, log=logs.append, quiet=True, **FAST)
+    assert rep["config"]["distill"] == 0.0
+    assert any("too large to cache" in line for line in logs), logs
+    rep = compress(MODEL, tmp_path / "b.onnx", "digits", rate=4, distill=0.5, quiet=True, **FAST)
+    assert rep["config"]["distill"] == 0.5

@@ -60,8 +60,9 @@ class CompressConfig:
     retrain_schedule: str = "cosine"  # cosine (decay to 0 over each step's retraining) | constant
     momentum: float = 0.9  # sgd only
     batch_size: int = 128
-    distill: float = 0.0  # weight of distillation from the original when labels exist (0: labels only)
-    temperature: float = 1.0  # distillation temperature
+    distill: float | None = None  # weight of distillation from the original when labels exist
+    # (None: 1 when every training output is a classifier and the original's outputs fit in memory, else 0)
+    temperature: float = 2.0  # distillation temperature
     val_fraction: float = 0.1  # held out when no --val-data is given
     seed: int = 0
     device: str = "cpu"
@@ -102,7 +103,7 @@ class CompressConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("epochs_per_iteration", "retrain_epochs", "distill"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if not 0 <= self.allocation_power <= 1:
             raise ConfigError(f"allocation_power {self.allocation_power!r}: expected a number from 0 to 1")

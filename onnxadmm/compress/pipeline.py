@@ -157,6 +157,8 @@ def compress(
 
     device = torch.device(cfg.device)
     module.to(device)
+    if cfg.distill is None:
+        cfg.distill = _auto_distill(module, heads, train, device, log)
     teacher = None
     if train.labels is None or cfg.distill > 0:
         teacher = _teacher_outputs(module, train, device)
@@ -471,6 +473,29 @@ def _format_stats(label: str, s: dict) -> str:
     if "residual" in s:
         parts.append(f"residual {s['residual']:.4f}")
     return "  ".join(parts)
+
+
+TEACHER_CACHE_LIMIT = 1 << 30  # bytes of the original's outputs kept for distillation by default
+
+
+def _auto_distill(module: OnnxGraphModule, heads, train: Dataset, device, log) -> float:
+    """Default distillation weight with labels: 1 (the original's soft outputs alongside the labels,
+    which measurably helps pruned classifiers keep accuracy) when every training output is a classifier
+    head and caching the original's outputs on the training data takes at most 1 GiB; else 0."""
+    if train.labels is None:
+        return 0.0  # no labels: distillation is the whole loss anyway
+    if any(h.kind == "regression" for h in heads):
+        return 0.0
+    module.eval()
+    with torch.no_grad():
+        xs = [torch.from_numpy(train.inputs[n][:1]).to(device) for n in module.input_names]
+        out = module(*xs)
+    module.train()
+    per_sample = sum(o.numel() * 4 for o in (out if isinstance(out, tuple) else (out,)))
+    if per_sample * len(train) > TEACHER_CACHE_LIMIT:
+        log("labels only: the original's outputs on the training data are too large to cache for distillation")
+        return 0.0
+    return 1.0
 
 
 def _teacher_outputs(module: OnnxGraphModule, ds: Dataset, device) -> list[torch.Tensor]:
