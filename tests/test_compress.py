@@ -738,6 +738,22 @@ def test_cli_interrupt_and_resume(cli_run, tmp_path, monkeypatch):
     assert not Path(f"{out}.ckpt").exists()
 
 
+def test_quantizing_a_sparse_input_keeps_its_zeros(baseline, tmp_path):
+    """Binarizing an already pruned model: zeros stay exact zeros (not +-q), the rest take two values
+    per layer, and no pruning step runs."""
+    rep = compress(baseline["out"], tmp_path / "bin.onnx", "digits", bits=1, quiet=True, **FAST)
+    from test_compress_quant import (
+        onnx_weights as decoded_weights,  # codebook weights, decoded by onnxruntime
+    )
+
+    assert rep["steps"] == [1.0]  # the quantization step alone (at the input's own sparsity)
+    assert len(rep["history"]) == FAST["admm_iterations"] + FAST["retrain_epochs"]  # one (quantization) step
+    before, after = onnx_weights(baseline["out"]), decoded_weights(tmp_path / "bin.onnx")
+    for n in SIZES:
+        assert np.array_equal(before[n] == 0, after[n] == 0), n
+        values = np.unique(np.abs(after[n][after[n] != 0]))
+        assert len(values) == 1, (n, values[:5])
+
 def test_auto_distillation_needs_a_small_teacher_cache(tmp_path, monkeypatch):
     """With labels, distillation from the original is on by default (weight 1) unless caching the
     original's outputs would take more than TEACHER_CACHE_LIMIT; an explicit weight always wins."""

@@ -152,7 +152,7 @@ def test_quant_config_errors(kw, msg):
 
 def test_retraining_keeps_levels_and_moves_centroids():
     """Straight-through retraining: the forward pass sees weights on the frozen grid, the shadow
-    weights learn, and clustered layers' centroids follow the mean of their members."""
+    weights learn, and clustered layers' centroids move (their assignment stays)."""
     proto = load_model(MODEL)
     heads = training_heads(proto)
     module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
@@ -164,6 +164,8 @@ def test_retraining_keeps_levels_and_moves_centroids():
     e = Engine(module, heads, train, train, None, cfg, keep, log=lambda s: None, quiet=True, quant=quant)
     e.hard_prune(0)
     before = {n: e.params[n].detach().clone() for n in quant[0]}
+    book0 = e.state.grids["fc1.weight"].codebook[0].clone()
+    codes0 = e.state.codes["fc1.weight"].clone()
     e.train_epoch(Unit("retrain", 0, 0), e.make_optimizer(1e-2), "t")
     shadow = {n: e.params[n].detach().clone() for n in quant[0]}
     assert not torch.equal(shadow["conv2.weight"], before["conv2.weight"])  # the shadow trained
@@ -175,11 +177,43 @@ def test_retraining_keeps_levels_and_moves_centroids():
     fc1 = e.params["fc1.weight"].detach()
     codes = e.state.codes["fc1.weight"]
     book = e.state.grids["fc1.weight"].codebook[0]
+    assert torch.equal(codes, codes0)  # the assignment is frozen
+    assert not torch.equal(book, book0)  # the centroids trained
     assert len(torch.unique(fc1[codes >= 0])) <= 4
-    for j in range(4):  # each centroid is the mean of its members' shadow weights
-        members = codes == j
-        if members.any():
-            assert float(book[j]) == pytest.approx(float(shadow["fc1.weight"][members].mean()), rel=1e-5)
+    for j in range(4):  # every member takes its centroid's value
+        if (codes == j).any():
+            assert torch.all(fc1[codes == j] == book[j])
+
+
+def test_centroid_step_uses_the_summed_member_gradient():
+    """A centroid's gradient is the sum of its members' gradients: with members pushing both ways,
+    the sign of the sum decides, and Adam's first step moves it by lr against that sign."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    train = Dataset({"input": np.zeros((8, 1, 8, 8), np.float32)}, np.arange(8) % 10)
+    cfg = CompressConfig(batch_size=8, min_batches=1).validate()
+    e = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], lambda s: None, True,
+               quant=[{"fc2.weight": QuantSpec(clusters=2)}])
+    e.hard_prune(0)
+    codes = e.state.codes["fc2.weight"]
+    book0 = e.state.grids["fc2.weight"].codebook[0].clone()
+    grad = torch.zeros_like(e.params["fc2.weight"])
+    members0 = torch.nonzero(codes.flatten() == 0).squeeze(1)
+    members1 = torch.nonzero(codes.flatten() == 1).squeeze(1)
+    # centroid 0: one member +3, all others -1 each (sum negative when it has more than 3 others);
+    # centroid 1: every member +1 (sum positive)
+    g = grad.flatten()
+    g[members0] = -1.0
+    g[members0[0]] = 3.0
+    g[members1] = 1.0
+    e.params["fc2.weight"].grad = grad
+    e.step_centroids(0.01)
+    book = e.state.grids["fc2.weight"].codebook[0]
+    s0 = float(g[members0].sum())
+    assert float(book[0] - book0[0]) == pytest.approx(-0.01 * np.sign(s0), rel=1e-4)
+    assert float(book[1] - book0[1]) == pytest.approx(-0.01, rel=1e-4)
+    assert e.params["fc2.weight"].grad is None
 
 
 def test_readme_default_rate_without_quantization():

@@ -62,6 +62,7 @@ class State:
     masks: dict = field(default_factory=dict)  # onnx name -> bool tensor (pruned weights stay pruned)
     grids: dict = field(default_factory=dict)  # onnx name -> frozen quantize.Grid (quantization retraining)
     codes: dict = field(default_factory=dict)  # onnx name -> frozen cluster codes (centroids move jointly)
+    moments: dict = field(default_factory=dict)  # onnx name -> (m, v, t): Adam state of its centroids
     history: list = field(default_factory=list)
     steps: int = 0  # optimizer steps taken
     optimizer: dict | None = None
@@ -233,24 +234,42 @@ class Engine:
     # ---- quantized retraining: a float shadow is trained, the forward pass sees its projection ----
     def quantized(self, n: str, w: torch.Tensor) -> torch.Tensor:
         """``w`` (the shadow) mapped onto layer ``n``'s frozen value set. Uniform and binary levels keep
-        their step and re-round every time; clusters keep their assignment and each centroid becomes the
-        mean of its members' shadows, so a weight's gradient moves its centroid (joint update)."""
-        from .quantize import Grid, apply_codebook, project_to_grid
+        their step and re-round every time; clustered layers keep their assignment and their centroids,
+        which :meth:`step_centroids` trains."""
+        from .quantize import apply_codebook, project_to_grid
 
         st = self.state
-        grid = st.grids[n]
-        mask = st.masks.get(n)
         if n in st.codes:
-            codes = st.codes[n]  # -1: not coded (pruned or exact zero)
-            flat = codes.flatten()
-            sel = flat >= 0
-            k = grid.codebook.shape[1]
-            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, flat[sel], w.detach().flatten()[sel].double())
-            counts = torch.bincount(flat[sel], minlength=k).double()
-            book = torch.where(counts > 0, sums / counts.clamp(min=1), grid.codebook[0].double()).float()
-            st.grids[n] = Grid(book[None], None, grid.kind, grid.bits)
-            return apply_codebook(st.grids[n], codes).to(w.dtype)
-        return project_to_grid(w, grid, mask).to(w.dtype)
+            return apply_codebook(st.grids[n], st.codes[n]).to(w.dtype)
+        return project_to_grid(w, st.grids[n], st.masks.get(n)).to(w.dtype)
+
+    def step_centroids(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        """Joint centroid update of clustered layers: each centroid's gradient is the sum of its
+        members' (straight-through) gradients, and an Adam step of its own moves it. Feeding member
+        gradients to the shadows' optimizer instead would move a centroid by the mean of per-member
+        normalised steps, which is not a descent direction (it wrecked models fed raw 0-255 pixels)."""
+        from .quantize import Grid
+
+        st = self.state
+        with torch.no_grad():
+            for n, codes in st.codes.items():
+                p = self.params[n]
+                if p.grad is None:
+                    continue
+                grid = st.grids[n]
+                k = grid.codebook.shape[1]
+                flat = codes.flatten()
+                sel = flat >= 0
+                g = torch.zeros(k, dtype=torch.float64).index_add_(0, flat[sel], p.grad.flatten()[sel].double())
+                m, v, t = st.moments.get(n, (torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0))
+                t += 1
+                m = betas[0] * m + (1 - betas[0]) * g
+                v = betas[1] * v + (1 - betas[1]) * g * g
+                update = lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+                st.moments[n] = (m, v, t)
+                book = (grid.codebook[0].double() - update).float()
+                st.grids[n] = Grid(book[None], None, grid.kind, grid.bits)
+                p.grad = None  # the shadow of a clustered layer is not used while its codes are frozen
 
     def swap_in_quantized(self) -> dict:
         """Put the quantized weights into the parameters; returns the shadows to restore."""
@@ -300,6 +319,8 @@ class Engine:
                 self.restore(shadows)
             if admm:
                 self.add_penalty_grad()
+            if self.state.codes:
+                self.step_centroids(optimizer.param_groups[0]["lr"])
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()
@@ -340,6 +361,7 @@ class Engine:
             "masks": st.masks,
             "grids": st.grids,
             "codes": st.codes,
+            "moments": st.moments,
             "history": st.history,
             "steps": st.steps,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -356,6 +378,7 @@ class Engine:
         st.unit, st.rho = blob["unit"], blob["rho"]
         st.Z, st.U, st.masks, st.history = blob["Z"], blob["U"], blob["masks"], blob["history"]
         st.grids, st.codes = blob.get("grids", {}), blob.get("codes", {})
+        st.moments = blob.get("moments", {})
         st.optimizer = blob["optimizer"]
         st.steps = blob["steps"]
         self.rng.bit_generator.state = blob["rng"]

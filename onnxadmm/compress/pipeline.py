@@ -163,11 +163,13 @@ def compress(
     if train.labels is None or cfg.distill > 0:
         teacher = _teacher_outputs(module, train, device)
 
-    final = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
-    pruning = any(final[n] < sizes[n] for n in sizes)
-    # an input that is already sparse (an earlier run, another pruner) starts the steps where it is
+    # an input that is already sparse (an earlier run, another pruner) starts the steps where it is,
+    # and its zeros stay pruned (also when it is only quantized: a binarized zero would become +-q)
     with torch.no_grad():
         start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
+    allocated = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
+    final = {n: min(allocated[n], start[n]) for n in sizes}
+    pruning = any(final[n] < start[n] for n in sizes)
     start_rate = sum(sizes.values()) / sum(start.values())
     if pruning and start_rate > 1.001:
         log(f"the input model is already {start_rate:.3g}x sparse: the progressive steps start from there")
@@ -195,11 +197,10 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     units = plan(cfg, len(rates))
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
-    if pruning:  # zeros of a sparse input are pruned weights: they stay pruned
-        with torch.no_grad():
-            for n in sizes:
-                if final[n] <= start[n] < sizes[n]:
-                    engine.state.masks[n] = module.parameter_for(n).detach() != 0
+    with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
+        for n in sizes:
+            if start[n] < sizes[n]:
+                engine.state.masks[n] = module.parameter_for(n).detach() != 0
     meta = {"model_sha256": _sha(in_path), "config": cfg.to_dict(), "rates": rates}
 
     if resume:
