@@ -498,6 +498,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--write", action="store_true", help=f"rewrite the '{SECTION}' section of docs/benchmarks.md"
     )
+    ap.add_argument(
+        "--section",
+        default=SECTION,
+        help="with --write: the docs section to (re)write, e.g. a separate one for a rerun of some rows",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (and onnxruntime intra-op) [1]")
     ap.add_argument("--verbose", action="store_true", help="compress progress output")
     args = ap.parse_args(argv)
@@ -613,10 +618,10 @@ def main(argv=None) -> int:
         else:
             write_section(
                 DOCS,
-                SECTION,
+                args.section,
                 section_body(rows, dense, command, env_line(), overrides, len(data[0]), len(xv)),
             )
-            log(f"updated the '{SECTION}' section of {DOCS.relative_to(ROOT)}")
+            log(f"updated the '{args.section}' section of {DOCS.relative_to(ROOT)}")
     return 0
 
 
