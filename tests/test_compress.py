@@ -268,6 +268,23 @@ def test_distillation_without_labels(tmp_path, digits):
     assert all(np.isfinite(h["loss"]) for h in rep["history"])
 
 
+def test_pseudo_labels_add_cross_entropy_on_the_originals_top1():
+    from torch.nn import functional as F
+
+    from onnxadmm.compress.objective import Head, loss_fn
+
+    torch.manual_seed(0)
+    heads = [Head("y", "logits", 1)]
+    s, t = torch.randn(16, 10), torch.randn(16, 10)
+    kl = loss_fn(heads, [s], None, [t], 0.0, 2.0)
+    both = loss_fn(heads, [s], None, [t], 0.0, 2.0, pseudo=0.5)
+    assert float(both - kl) == pytest.approx(0.5 * float(F.cross_entropy(s, t.argmax(1))), rel=1e-5)
+    labels = torch.arange(16) % 10  # with labels the real ones are used, not the original's guesses
+    assert float(loss_fn(heads, [s], labels, [t], 1.0, 2.0, pseudo=0.5)) == pytest.approx(
+        float(loss_fn(heads, [s], labels, [t], 1.0, 2.0)), rel=1e-6
+    )
+
+
 def test_labels_with_distillation_and_sgd(tmp_path):
     out = tmp_path / "ds.onnx"
     rep = compress(

@@ -313,7 +313,9 @@ class Engine:
             shadows = self.swap_in_quantized() if self.state.grids else {}
             try:  # straight-through: the gradient at the quantized weights updates the shadows
                 outs = self._outs(xs)
-                loss = loss_fn(self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature)
+                loss = loss_fn(
+                    self.heads, outs, y, t, self.cfg.distill, self.cfg.temperature, self.cfg.pseudo_labels
+                )
                 loss.backward()
             finally:
                 self.restore(shadows)

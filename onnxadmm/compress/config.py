@@ -63,6 +63,8 @@ class CompressConfig:
     distill: float | None = None  # weight of distillation from the original when labels exist
     # (None: 1 when every training output is a classifier and the original's outputs fit in memory, else 0)
     temperature: float = 2.0  # distillation temperature
+    pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
+    # class, added to the distillation of classifier outputs (0: distillation alone)
     val_fraction: float = 0.1  # held out when no --val-data is given
     seed: int = 0
     device: str = "cpu"
@@ -100,9 +102,11 @@ class CompressConfig:
         if self.step_factor <= 1:
             raise ConfigError("step_factor must be above 1")
         for name in ("admm_iterations", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        for name in ("epochs_per_iteration", "retrain_epochs", "distill"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
+                raise ConfigError(f"{name} {v!r}: expected a whole number of at least 1")
+            setattr(self, name, int(v))
+        for name in ("epochs_per_iteration", "retrain_epochs", "distill", "pseudo_labels"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if not 0 <= self.allocation_power <= 1:
