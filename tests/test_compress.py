@@ -783,3 +783,15 @@ def test_auto_distillation_needs_a_small_teacher_cache(tmp_path, monkeypatch):
     assert any("too large to cache" in line for line in logs), logs
     rep = compress(MODEL, tmp_path / "b.onnx", "digits", rate=4, distill=0.5, quiet=True, **FAST)
     assert rep["config"]["distill"] == 0.5
+
+
+@pytest.mark.parametrize("value", [0, 2.5, float("inf"), float("nan"), True, "3"])
+def test_whole_number_settings_reject_other_values(value):
+    with pytest.raises(ConfigError, match="whole number"):
+        CompressConfig(admm_iterations=value).validate()
+
+
+def test_whole_number_settings_accept_integral_floats():
+    cfg = CompressConfig(admm_iterations=6.0, batch_size=64.0).validate()  # e.g. from a JSON config
+    assert (cfg.admm_iterations, cfg.batch_size) == (6, 64)
+    assert isinstance(cfg.admm_iterations, int)

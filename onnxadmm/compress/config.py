@@ -103,7 +103,8 @@ class CompressConfig:
             raise ConfigError("step_factor must be above 1")
         for name in ("admm_iterations", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
+            whole = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v == int(v)
+            if not whole or int(v) < 1:
                 raise ConfigError(f"{name} {v!r}: expected a whole number of at least 1")
             setattr(self, name, int(v))
         for name in ("epochs_per_iteration", "retrain_epochs", "distill", "pseudo_labels"):

@@ -487,28 +487,25 @@ def _auto_distill(module: OnnxGraphModule, heads, train: Dataset, device, log) -
         return 0.0  # no labels: distillation is the whole loss anyway
     if any(h.kind == "regression" for h in heads):
         return 0.0
-    module.eval()
-    with torch.no_grad():
-        xs = [torch.from_numpy(train.inputs[n][:1]).to(device) for n in module.input_names]
-        out = module(*xs)
-    module.train()
-    per_sample = sum(o.numel() * 4 for o in (out if isinstance(out, tuple) else (out,)))
+    per_sample = sum(o.numel() * 4 for o in _original_outputs(module, train, slice(0, 1), device))
     if per_sample * len(train) > TEACHER_CACHE_LIMIT:
         log("labels only: the original's outputs on the training data are too large to cache for distillation")
         return 0.0
     return 1.0
 
 
+def _original_outputs(module: OnnxGraphModule, ds: Dataset, rows: slice, device) -> list[torch.Tensor]:
+    """The (still unchanged) module's training outputs on ``ds``'s ``rows``, on the CPU."""
+    module.eval()
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(ds.inputs[n][rows]).to(device) for n in module.input_names])
+    module.train()
+    return [o.detach().cpu() for o in (out if isinstance(out, tuple) else (out,))]
+
+
 def _teacher_outputs(module: OnnxGraphModule, ds: Dataset, device) -> list[torch.Tensor]:
     """The original model's training outputs on every training sample (computed once)."""
-    module.eval()
-    chunks: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for i in range(0, len(ds), 256):
-            xs = [torch.from_numpy(ds.inputs[n][i : i + 256]).to(device) for n in module.input_names]
-            out = module(*xs)
-            chunks.append([o.detach().cpu() for o in (out if isinstance(out, tuple) else (out,))])
-    module.train()
+    chunks = [_original_outputs(module, ds, slice(i, i + 256), device) for i in range(0, len(ds), 256)]
     return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 
