@@ -285,6 +285,44 @@ def test_pseudo_labels_add_cross_entropy_on_the_originals_top1():
     )
 
 
+def test_sigmoid_classifier_head_trains_on_the_sigmoid_input():
+    """A rank-2 output made by Sigmoid is a classifier whose logits are the Sigmoid's input; a
+    rank-4 Sigmoid map (segmentation) stays a regression output."""
+    from onnx import TensorProto, helper
+
+    from onnxadmm.compress.objective import Head, loss_fn
+
+    def model(shape):
+        g = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert [(h.name, h.kind) for h in training_heads(model([None, 10]))] == [("z", "sigmoid")]
+    assert [h.kind for h in training_heads(model([1, 1, 8, 8]))] == ["regression"]
+
+    torch.manual_seed(0)
+    heads = [Head("z", "sigmoid", 1)]
+    t = torch.randn(8, 10) * 3
+    # distillation: zero gradient where the student's scores equal the original's, not elsewhere
+    s = t.clone().requires_grad_(True)
+    loss_fn(heads, [s], None, [t], 0.0, 2.0).backward()
+    assert float(s.grad.abs().max()) < 1e-6
+    s = (t + torch.randn(8, 10)).requires_grad_(True)
+    loss_fn(heads, [s], None, [t], 0.0, 2.0).backward()
+    assert float(s.grad.abs().max()) > 1e-3
+    # with labels: softmax cross-entropy on the logits (same argmax as the probabilities)
+    labels = torch.arange(8) % 10
+    from torch.nn import functional as F
+
+    assert float(loss_fn(heads, [t], labels, None, 0.0, 2.0)) == pytest.approx(
+        float(F.cross_entropy(t, labels)), rel=1e-6
+    )
+
+
 def test_labels_with_distillation_and_sgd(tmp_path):
     out = tmp_path / "ds.onnx"
     rep = compress(

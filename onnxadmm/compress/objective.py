@@ -9,6 +9,12 @@ from the original model, KL divergence for classifier heads and MSE for the othe
 to match every probability of the original, which a small one cannot; the hard term keeps its
 capacity on the decision that accuracy counts (wuhanstudio's 486-weight MNIST CNN at 3x: 5.3
 points lost with KL alone, 0.9 with both).
+
+A classifier head that ends in Sigmoid (one-vs-rest scores, as some MLP exports have) is trained on
+the Sigmoid's input: cross-entropy on the bounded (0, 1) outputs themselves has almost no margin to
+push on (michbogos's MNIST MLP: loss 1.5 at 94% accuracy), while the input has the same argmax.
+Its distillation is per-output binary cross-entropy against the original's probabilities, which
+keeps each score's level rather than only their ranking.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from ..importer import analysis
 
 @dataclass
 class Head:
-    """One training output: ``name`` in the graph; ``kind`` logits | logprobs | regression."""
+    """One training output: ``name`` in the graph; ``kind`` logits | logprobs | sigmoid (the input
+    of a final Sigmoid: per-class logits) | regression."""
 
     name: str
     kind: str
@@ -76,6 +83,8 @@ def training_heads(model: onnx.ModelProto) -> list[Head]:
             heads.append(
                 Head(name, "logprobs", _attr(sm, "axis", -1 if opset >= 13 else 1), legacy=opset < 13)
             )
+        elif n is not None and n.op_type == "Sigmoid" and ranks.get(name) == 2:
+            heads.append(Head(n.input[0], "sigmoid", 1))
         elif ranks.get(name) == 2:
             heads.append(Head(name, "logits", 1))
         else:
@@ -105,6 +114,12 @@ def loss_fn(
         for h, s, t in zip(heads, outs, teacher):
             if h.kind == "regression":
                 total = total + w * F.mse_loss(s, t)
+            elif h.kind == "sigmoid":
+                sc, tc = h.classes(s) / T, h.classes(t) / T
+                bce = F.binary_cross_entropy_with_logits(sc, torch.sigmoid(tc), reduction="sum")
+                total = total + w * (T * T) * bce / sc.shape[0]
+                if labels is None and pseudo > 0:
+                    total = total + pseudo * F.cross_entropy(h.classes(s), h.classes(t).argmax(-1))
             else:
                 ls = F.log_softmax(h.classes(s) / T, -1)
                 lt = F.log_softmax(h.classes(t) / T, -1)
