@@ -184,9 +184,10 @@ def _defaults():
     default="auto",
     show_default=True,
     help="Weight storage. auto: the smallest file (quantized layers as packed codes + codebook, "
-    "decoded by standard ops at load; pruned float layers as sparse initializers where smaller); "
-    "dense: plain float tensors; sparse: ONNX sparse initializers; codebook: packed codes; "
-    "int8: integer kernels (QDQ, needs --bits 8).",
+    "pruned float layers as values + packed relative positions, both decoded by standard ops that "
+    "onnxruntime folds at load; or sparse initializers / dense where smaller); "
+    "dense: plain float tensors; sparse: ONNX sparse initializers; codebook: the packed form for "
+    "every compressed layer; int8: integer kernels (QDQ, needs --bits 8).",
 )
 @click.option(
     "--report", type=click.Path(dir_okay=False), help="JSON report path [default: OUTPUT with .report.json]."

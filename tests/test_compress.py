@@ -66,9 +66,28 @@ def sha(path: Path) -> str:
 
 
 def onnx_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every initializer of an ONNX file as a dense array (sparse initializers densified)."""
+    """Every weight of an ONNX file as a dense array: initializers, sparse initializers densified,
+    and weights written in onnxadmm's compact storage decoded by onnx's reference evaluator running
+    their decoder nodes alone (the decoder's own constants left out)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from onnxadmm.export.storage import PREFIX
+
     m = onnx.load(str(path))
-    out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    decoder = [n for n in m.graph.node if n.name.startswith(PREFIX)]
+    made = [n.output[0] for n in decoder if n.name.rsplit("/", 1)[0] + "/" == PREFIX + n.output[0] + "/"]
+    used = {i for n in decoder for i in n.input}
+    out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name not in used}
+    if made:
+        g = onnx.helper.make_graph(
+            decoder,
+            "decode",
+            [],
+            [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in made],
+            [t for t in m.graph.initializer if t.name in used],
+        )
+        sub = onnx.helper.make_model(g, opset_imports=m.opset_import)
+        out.update(zip(made, ReferenceEvaluator(sub).run(None, {})))
     for sp in m.graph.sparse_initializer:
         values = numpy_helper.to_array(sp.values)
         idx = numpy_helper.to_array(sp.indices)
@@ -211,11 +230,29 @@ def test_report_metrics_match_onnxruntime(baseline, digits):
     assert baseline["rep"]["agreement"] == pytest.approx(float((new == old).mean()))
 
 
-def test_auto_format_picks_sparse_where_smaller(baseline):
+def test_auto_format_picks_the_smallest_storage_per_layer(baseline):
+    """auto: each pruned layer as raw values + packed positions (compact), an ONNX sparse initializer
+    (values + int64 indices) or dense, whichever adds the fewest bytes; priced independently here."""
+    from onnxadmm.export.storage import METADATA_KEY, encode_sparse, storage_bytes
+
     rep, out = baseline["rep"], baseline["out"]
-    want = {x["name"] for x in rep["layers"] if x["nonzero"] * (4 + 8) < x["params"] * 4}
-    assert set(rep["format"]["sparse_tensors"]) == want == sparse_names(out)
-    assert "conv1.weight" not in want and "fc1.weight" in want
+    weights = onnx_weights(out)
+    compact, coo = set(), set()
+    for x in rep["layers"]:
+        w = weights[x["name"]]
+        sizes = storage_bytes(encode_sparse(w))
+        as_coo = x["nonzero"] * (4 + 8) + 64
+        if sizes["total"] + sizes["nodes"] < min(w.nbytes, as_coo):
+            compact.add(x["name"])
+        elif x["nonzero"] * (4 + 8) < x["params"] * 4:
+            coo.add(x["name"])
+    assert set(rep["format"]["codebook_tensors"]) == compact
+    assert set(rep["format"]["sparse_tensors"]) == coo == sparse_names(out)
+    assert "fc1.weight" in compact and "conv1.weight" not in compact | coo
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert set(json.loads(meta[METADATA_KEY])) == compact
+    # the compact file is smaller than the same weights written as sparse initializers
+    assert out.stat().st_size < rep["file_bytes"]["original"]
 
 
 def test_rho_history_in_report(baseline):
@@ -226,7 +263,7 @@ def test_rho_history_in_report(baseline):
     assert admm_rho == pytest.approx(per_step * 2)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+@pytest.mark.parametrize("fmt", ["dense", "sparse", "codebook"])
 def test_formats(baseline, tmp_path, digits, fmt):
     out = tmp_path / f"{fmt}.onnx"
     rep = compress(MODEL, out, "digits", rate=20, seed=0, fmt=fmt, quiet=True, **FAST)
@@ -239,10 +276,16 @@ def test_formats(baseline, tmp_path, digits, fmt):
     if fmt == "dense":
         assert sparse_names(out) == set() and rep["format"]["sparse_tensors"] == []
         onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-    else:
+    elif fmt == "sparse":
         pruned = {x["name"] for x in rep["layers"] if x["nonzero"] < x["params"]}
         assert pruned and sparse_names(out) == pruned == set(rep["format"]["sparse_tensors"])
         assert out.stat().st_size < baseline["rep"]["file_bytes"]["original"]
+        # auto (raw values + packed positions where that is smaller) beats int64-indexed COO
+        assert baseline["rep"]["file_bytes"]["compressed"] < rep["file_bytes"]["compressed"]
+    else:  # codebook: every pruned layer as raw values + packed positions, decoded at load
+        pruned = {x["name"] for x in rep["layers"] if x["nonzero"] < x["params"]}
+        assert pruned and set(rep["format"]["codebook_tensors"]) == pruned and not sparse_names(out)
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
 def test_same_seed_same_weights_other_seed_differs(baseline, tmp_path):
@@ -833,3 +876,26 @@ def test_whole_number_settings_accept_integral_floats():
     cfg = CompressConfig(admm_iterations=6.0, batch_size=64.0).validate()  # e.g. from a JSON config
     assert (cfg.admm_iterations, cfg.batch_size) == (6, 64)
     assert isinstance(cfg.admm_iterations, int)
+
+
+def test_codebook_format_needs_something_to_pack(tmp_path):
+    with pytest.raises(ConfigError, match="quantized or pruned"):
+        compress(MODEL, tmp_path / "o.onnx", "digits", rate=1, fmt="codebook", quiet=True, **FAST)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_compressing_a_packed_model_again(baseline, tmp_path):
+    """The baseline's pruned layers are in packed form (decoder nodes): compressing it again sees
+    plain weights, keeps their zeros and packs the new ones."""
+    from onnxadmm.export.storage import PREFIX
+
+    assert baseline["rep"]["format"]["codebook_tensors"]
+    out = tmp_path / "again.onnx"
+    rep = compress(baseline["out"], out, "digits", rate=30, quiet=True, **FAST)
+    before, after = onnx_weights(baseline["out"]), onnx_weights(out)
+    for n in SIZES:
+        assert not np.any((before[n] == 0) & (after[n] != 0)), n
+    assert rep["pruning_rate"] == pytest.approx(30.0, rel=0.02)
+    names = [n.name for n in onnx.load(str(out)).graph.node if n.name.startswith(PREFIX)]
+    assert len({n.split("/")[1] for n in names}) == len(rep["format"]["codebook_tensors"])
+    check_output_matches_report(out, rep)

@@ -532,3 +532,109 @@ def test_ten_million_weights_load_fast():
         assert time.perf_counter() - start < 20
         x = rng.standard_normal((1, rows)).astype(np.float32)
         assert np.array_equal(sess.run(None, {"x": x})[0], _run(reference, {"x": x})[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# raw values (format 5): pruned float weights without a codebook
+
+
+def _pruned(rng, shape, density, dtype=np.float32):
+    w = rng.standard_normal(shape).astype(dtype)
+    return np.where(rng.random(shape) < density, w, 0).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("density", [0.0, 0.004, 0.1, 0.6])
+def test_raw_values_exact_in_onnxruntime(dtype, density):
+    rng = np.random.default_rng(int(density * 1000) + (dtype is np.float16))
+    weights = {n: _pruned(rng, SHAPES[n], density, dtype) for n in SHAPES}
+    weights["wm"].reshape(-1)[-1] = 0.5  # the last element stored
+    encodings = {n: st.encode_sparse(w) for n, w in weights.items()}
+    for n, enc in encodings.items():
+        assert enc.raw and enc.value_bits in ((16,) if dtype is np.float16 else (16, 32))  # 16: float16-exact
+        assert np.array_equal(decode(enc), weights[n])
+    reference = _model(weights)
+    out = apply_storage(reference, encodings)
+    _check_exact(reference, out)
+    assert all(np.array_equal(v, weights[k]) for k, v in _decoded_by_reference(out, list(SHAPES)).items())
+    for n, e in analyze(out).items():
+        assert e["storage"] == "codebook" and e["raw"] and e["nonzero"] == np.count_nonzero(weights[n])
+        assert {k: e["bytes"][k] for k in ("codes", "positions", "total")} == {
+            k: storage_bytes(encodings[n])[k] for k in ("codes", "positions", "total")
+        }
+        assert e["bytes"]["codebook"] == 0
+
+
+def test_raw_values_long_gaps_use_zero_fillers():
+    w = np.zeros((400, 500), np.float32)
+    w.reshape(-1)[[0, 3, 150_000, 199_999]] = [0.1, -2.5, 3.25, 1e-3]
+    enc = st.encode_sparse(w)
+    for r in (2, 5, 16):
+        gaps, codes, fillers = st._entries(enc, r, "zero")
+        assert fillers == st._filler_count(st._distances(enc.positions), r, False)
+        assert np.count_nonzero(codes < 0) == fillers  # fillers read a 0 from the value stream
+        pos = np.cumsum(gaps)
+        assert np.array_equal(pos[codes >= 0], enc.positions)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 500])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    _check_exact(reference, apply_storage(reference, {"w": enc}))
+
+
+def test_raw_values_much_smaller_than_coo():
+    """A 95%-pruned float32 weight: about 4 + r/8 bytes per non-zero, against 12 for COO int64."""
+    rng = np.random.default_rng(5)
+    w = _pruned(rng, (500, 800), 0.05)
+    enc = st.encode_sparse(w)
+    sizes, fillers = storage_bytes(enc), st._plan(enc, 13).fillers
+    nnz = np.count_nonzero(w)
+    assert sizes["codes"] == 4 * (nnz + fillers) and fillers < 0.01 * nnz  # a 0 value per filler
+    assert sizes["positions"] <= nnz  # gaps of at most 8 bits here (mean gap 20)
+    assert sizes["total"] + sizes["nodes"] < 0.45 * nnz * 12
+    t = theoretical(st.encode_sparse(w))
+    assert t["bits"]["codebook"] == 0 and t["bits"]["codes"] == 32 * t["entries"]
+
+
+def test_raw_values_rejects_bad_forms():
+    w = np.zeros((4, 5), np.float32)
+    w[1, 2] = 1.0
+    enc = st.encode_sparse(w)
+    with pytest.raises(OnnxAdmmError, match="sparse form"):
+        Encoded(w.shape, w.dtype, enc.codes, 0, enc.codebook, None, None).validate()
+    with pytest.raises(OnnxAdmmError, match="arange"):
+        Encoded(w.shape, w.dtype, enc.codes + 1, 0, np.ones((1, 1)), None, enc.positions).validate()
+    with pytest.raises(OnnxAdmmError, match="float32 or float16"):
+        st.encode_sparse(w.astype(np.float64))
+
+
+def test_expand_storage_restores_plain_initializers():
+    """Every codebook-stored weight (quantized dense, quantized sparse, raw sparse) becomes a plain
+    initializer with the same values; the decoders, their constants and the metadata go."""
+    rng = np.random.default_rng(11)
+    wc, cb = _quantized(rng, SHAPES["wc"], 3, 0, False)
+    wg, cbg = _quantized(rng, SHAPES["wg"], 2, None, True)
+    wm = _pruned(rng, SHAPES["wm"], 0.2)
+    reference = _model({"wc": wc, "wg": wg, "wm": wm})
+    encodings = {
+        "wc": encode_from_values(wc, cb, 0, False),
+        "wg": encode_from_values(wg, cbg, None, True),
+        "wm": st.encode_sparse(wm),
+    }
+    packed = apply_storage(reference, encodings)
+    plain = st.expand_storage(packed)
+    assert not [n for n in plain.graph.node if n.name.startswith(PREFIX)]
+    assert {t.name for t in plain.graph.initializer} == {"wc", "wg", "wm"}
+    assert METADATA_KEY not in {p.key for p in plain.metadata_props}
+    values = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    for n, w in {"wc": wc, "wg": wg, "wm": wm}.items():
+        assert values[n].dtype == w.dtype and np.array_equal(values[n], w), n
+    feeds = _feeds(reference)
+    for a, b in zip(_run(reference, feeds), _run(plain, feeds), strict=True):
+        assert np.array_equal(a, b)
+    onnx.checker.check_model(plain, full_check=True)
+    assert st.expand_storage(reference) is reference  # nothing to expand

@@ -68,8 +68,9 @@ def _sha(path: Path) -> str:
 
 
 def _pick_format(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> set[str]:
-    """Tensors to store as sparse initializers. auto: each tensor where COO (values + int64
-    indices) is smaller than dense; only initializers can be sparse (Constant-node weights stay dense)."""
+    """Tensors to store as sparse initializers (of those not already in packed form). auto: each
+    tensor where COO (values + int64 indices) is smaller than dense; only initializers can be sparse
+    (Constant-node weights stay dense)."""
     if fmt == "dense":
         return set()
     inits = {t.name for t in original.graph.initializer}
@@ -114,11 +115,13 @@ def compress(
         raise ConfigError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "int8" and (cfg.bits != 8 or cfg.edge_bits not in (None, 8)):
         raise ConfigError("--format int8 needs --bits 8 (integer kernels run 8-bit weights)")
-    if fmt == "codebook" and not cfg.quantizing:
-        raise ConfigError("--format codebook needs quantized weights (--bits or --clusters)")
+    if fmt == "codebook" and not cfg.quantizing and cfg.rate is not None and cfg.rate <= 1 and not cfg.layer_rates:
+        raise ConfigError("--format codebook needs quantized or pruned weights (--bits, --clusters or --rate)")
     in_path = Path(model)
     out_path = Path(output)
-    proto = load_model(in_path)
+    from ..export.storage import expand_storage
+
+    proto = expand_storage(load_model(in_path))  # weights in onnxadmm's compact storage: plain again
     if out_path.exists() and out_path.resolve() == in_path.resolve() and not force:
         raise ConfigError(f"output {out_path} is the input model; refusing to overwrite it (use --force)")
     if out_path.is_dir():
@@ -261,6 +264,7 @@ def compress(
     pruned = {n for n in sizes if final[n] < sizes[n]}
     grids = dict(engine.state.grids)
     encodings = _encodings(fmt, grids, state, proto)
+    encodings.update(_compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto))
     sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
@@ -378,8 +382,6 @@ def _storage(path: Path) -> dict | None:
 def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
     in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller."""
-    if fmt == "codebook" and not grids:
-        raise ConfigError("--format codebook needs quantized weights (--bits or --clusters)")
     if fmt not in ("auto", "codebook") or not grids:
         return {}
     from ..export.storage import encode_from_values
@@ -393,6 +395,29 @@ def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> di
             # zeros (pruned entries) off the codebook, e.g. binary {-q, +q}: only the sparse form holds them
             zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
             out[n] = encode_from_values(w, book, g.group_axis, sparse=True if zeros_off else None)
+    return out
+
+
+def _compact_sparse(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> dict:
+    """Pruned float initializers stored as raw values + packed relative positions (storage format 5):
+    every one with ``codebook``; with ``auto`` each where that adds fewer bytes to the file than both
+    the dense tensor and an ONNX sparse initializer (values + int64 indices)."""
+    if fmt not in ("auto", "codebook"):
+        return {}
+    from ..export.storage import encode_sparse, storage_bytes
+
+    inits = {t.name for t in original.graph.initializer}
+    out = {}
+    for name, w in weights.items():
+        w = np.asarray(w)
+        if name not in inits or w.dtype not in (np.float32, np.float16) or w.size >= 2**31:
+            continue
+        enc = encode_sparse(w)
+        sizes = storage_bytes(enc)
+        nnz = enc.stored
+        coo = nnz * (w.itemsize + 8) + 64  # + the sparse tensor's framing, roughly
+        if fmt == "codebook" or sizes["total"] + sizes["nodes"] < min(w.nbytes, coo):
+            out[name] = enc
     return out
 
 
@@ -542,7 +567,7 @@ def format_report(rep: dict) -> str:
             else ""
         )
         + (
-            f", {len(rep['format']['codebook_tensors'])} as packed codes + codebook"
+            f", {len(rep['format']['codebook_tensors'])} in packed form (decoded at load)"
             if rep["format"].get("codebook_tensors")
             else ""
         )

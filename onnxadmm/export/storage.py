@@ -42,6 +42,11 @@ Formats (``FORMAT`` = ``onnxadmm-codebook-1``), all integers unsigned, little-en
 
    ``r`` (1..16) and the mode are chosen per tensor to minimise the bytes of both streams, the
    codebook growth and the extra nodes. All other elements decode to 0.
+5. *Raw values* (``bits == 0``, sparse only: a pruned weight whose values are not quantized): no
+   code stream; the stored values themselves, in order, with a 0 for each filler (``zero`` mode),
+   as float32 (float16 when the weight is float16 or every value is exact in it), next to the gap
+   stream of format 4. A pruned float32 weight then costs about ``4 + r/8`` bytes per stored
+   element instead of the 12 of an ONNX COO sparse initializer (int64 indices).
 
 Decoder (nodes named ``onnxadmm_decode/<weight>/<i>``, tensors ``_oa<j>/...``): a stream is
 ``Cast`` to int32 (plain), or for packed ones ``Cast``, ``Gather`` of the bytes each value touches,
@@ -95,6 +100,8 @@ __all__ = [
     "apply_storage",
     "decode",
     "encode_from_values",
+    "encode_sparse",
+    "expand_storage",
     "storage_bytes",
     "theoretical",
     "unfolded_decode_nodes",
@@ -116,7 +123,7 @@ _INT32_LIMIT = 2**31 - 1
 
 # Roles of the payload initializers (by the last component of their name) in storage_bytes / analyze;
 # every other decoder initializer counts as "graph".
-_ROLE_OF = {"codes": "codes", "gaps": "positions", "codebook": "codebook"}
+_ROLE_OF = {"codes": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +138,9 @@ class Encoded:
         shape: the weight's shape.
         dtype: float32 or float16, the dtype of the decoded tensor.
         codes: 1-D integers, one code per stored element, in C order of the stored elements.
-        bits: 1..8; codes lie in ``[0, 2**bits)`` and are stored at exactly ``bits`` bits.
+        bits: 1..8; codes lie in ``[0, 2**bits)`` and are stored at exactly ``bits`` bits. 0 is the
+            *raw* form (format 5, sparse only, see :func:`encode_sparse`): no codes are stored,
+            ``codes`` is ``arange(stored)`` and ``codebook`` ``[1, stored]`` holds the values.
         codebook: float32 ``[G, K]`` (``K <= 2**bits``): the value of code ``j`` in group ``g``.
         group_axis: None (``G == 1``) or the axis whose index picks the codebook row
             (``G == shape[group_axis]``), usually 0, the output channel.
@@ -172,6 +181,18 @@ class Encoded:
         return self.positions is not None
 
     @property
+    def raw(self) -> bool:
+        """Values stored as they are (format 5), without codes."""
+        return self.bits == 0
+
+    @property
+    def value_bits(self) -> int:
+        """Bits per stored element's value: the code width, or the float width in the raw form."""
+        if self.bits:
+            return self.bits
+        return 16 if self.stored and _codebook_array(self).dtype == np.float16 else 8 * self.dtype.itemsize
+
+    @property
     def groups(self) -> int:
         return int(self.codebook.shape[0])
 
@@ -184,9 +205,14 @@ class Encoded:
         """Raise :class:`OnnxAdmmError` unless the fields are consistent."""
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise OnnxAdmmError(f"Encoded: dtype must be float32 or float16, not {self.dtype}")
-        if not 1 <= self.bits <= 8:
-            raise OnnxAdmmError(f"Encoded: bits must be 1..8, not {self.bits}")
-        if self.codebook.ndim != 2 or not 1 <= self.levels <= 2**self.bits:
+        if not 0 <= self.bits <= 8:
+            raise OnnxAdmmError(f"Encoded: bits must be 1..8 (0: raw values), not {self.bits}")
+        if self.raw:
+            if self.positions is None or self.group_axis is not None:
+                raise OnnxAdmmError("Encoded: raw values (bits 0) need the sparse form and one group")
+            if self.codebook.shape != (1, self.stored) or not np.array_equal(self.codes, np.arange(self.stored)):
+                raise OnnxAdmmError("Encoded: raw values need codes arange(stored) and a [1, stored] codebook")
+        elif self.codebook.ndim != 2 or not 1 <= self.levels <= 2**self.bits:
             raise OnnxAdmmError(
                 f"Encoded: codebook must be [G, K] with 1 <= K <= 2**bits = {2**self.bits}, "
                 f"not {self.codebook.shape}"
@@ -346,6 +372,18 @@ def encode_from_values(
     return enc
 
 
+def encode_sparse(w: np.ndarray) -> Encoded:
+    """The raw sparse form (format 5) of a float weight: its non-zero values and their positions."""
+    w = np.asarray(w)
+    if w.dtype not in (np.float32, np.float16):
+        raise OnnxAdmmError(f"encode_sparse: weight must be float32 or float16, not {w.dtype}")
+    positions = np.flatnonzero(w.reshape(-1))
+    values = w.reshape(-1)[positions].astype(np.float32)
+    enc = Encoded(w.shape, w.dtype, np.arange(positions.size), 0, values[None, :], None, positions)
+    enc.validate()
+    return enc
+
+
 # --------------------------------------------------------------------------------------------------
 # Bit packing (numpy side)
 
@@ -429,7 +467,10 @@ def _entries(enc: Encoded, r: int, mode: str) -> tuple[np.ndarray, np.ndarray, i
     real_at = np.cumsum(nfill + 1) - 1  # stream index of each stored element, after its fillers
     gaps[real_at] = dist - nfill * step
     codes[real_at] = enc.codes
-    if not marked:
+    if enc.raw:
+        codes[:] = -1  # the decoder's value stream holds a 0 for every filler (format 5)
+        codes[real_at] = enc.codes
+    elif not marked:
         advance = np.full(gaps.size, step, dtype=np.int64)
         advance[real_at] = gaps[real_at]
         filler = np.ones(gaps.size, dtype=bool)
@@ -447,8 +488,9 @@ def _zero_codes(enc: Encoded, mode: str) -> np.ndarray:
 
 
 def _filler_modes(enc: Encoded) -> list[str]:
-    """How fillers can get a zero value: an existing 0 in every row, an appended code, or a marker."""
-    if np.all(np.any(enc.codebook == 0, axis=1)):
+    """How fillers can get a zero value: an existing 0 in every row, an appended code, or a marker
+    (raw values: a 0 in the value stream, ``zero``)."""
+    if enc.raw or np.all(np.any(enc.codebook == 0, axis=1)):
         return ["zero"]
     return (["append"] if enc.levels < 2**enc.bits else []) + ["marker"]
 
@@ -694,7 +736,10 @@ def _plan(enc: Encoded, opset: int, packing: str = "auto") -> _Layout:
             if not fillers:
                 mode = "none"
             entries = enc.stored + fillers
-            codes_packed, code_bytes = _stream_choice(enc.bits, entries, opset, packing)
+            if enc.raw:
+                codes_packed, code_bytes = False, entries * _codebook_array(enc).itemsize
+            else:
+                codes_packed, code_bytes = _stream_choice(enc.bits, entries, opset, packing)
             gaps_packed, gap_bytes = _stream_choice(r, entries, opset, packing)
             cost = code_bytes + gap_bytes + extra[mode]
             if best is None or cost < best[0]:
@@ -762,7 +807,12 @@ def _build(
         gaps, codes, fillers = _entries(enc, r, mode)
         assert fillers == layout.fillers
         cb_arr = _codebook_array(enc, mode)
-        idx = _emit_unpack(b, "codes", codes, enc.bits, codes.size, layout.codes_packed)
+        if enc.raw:
+            stream = np.zeros(codes.size, np.float32)
+            stream[codes >= 0] = enc.codebook[0]
+            cb_arr = stream.astype(cb_arr.dtype)
+        else:
+            idx = _emit_unpack(b, "codes", codes, enc.bits, codes.size, layout.codes_packed)
         dist = _emit_unpack(b, "gaps", gaps, r, gaps.size, layout.gaps_packed)
         if mode == "marker":  # a filler advances one position less than its gap value says
             is_filler = b.op("Equal", [dist, b.i32(2**r - 1)])
@@ -778,7 +828,10 @@ def _build(
             idx = b.op("Where", [is_filler, b.i32(cb_arr.size - 1), idx])
     cast = cb_arr.dtype != enc.dtype
     last = not enc.sparse and not cast  # this node outputs the weight
-    values = b.op("Gather", [b.payload("codebook", cb_arr), idx], weight if last else None, axis=0)
+    if enc.raw:
+        values = b.payload("values", cb_arr)
+    else:
+        values = b.op("Gather", [b.payload("codebook", cb_arr), idx], weight if last else None, axis=0)
     if cast:
         values = b.op("Cast", [values], None if enc.sparse else weight, to=_NP_TO_ONNX[enc.dtype])
     if enc.sparse:
@@ -829,7 +882,8 @@ def theoretical(enc: Encoded, gap_bits: int | None = None) -> dict:
     the first counting from position -1. A filler zero is inserted ``2**r`` positions after the
     previous entry whenever the next element is farther, so an element after ``s`` zeros needs
     ``s // 2**r`` fillers. Codebooks cost ``G * K * 32`` bits. No decoder, alignment or container
-    overhead is counted. ``gap_bits`` None picks the ``r`` in 1..16 with the smallest total.
+    overhead is counted. ``gap_bits`` None picks the ``r`` in 1..16 with the smallest total. The raw
+    form (format 5) counts each entry's float value (32 or 16 bits) under ``codes`` and no codebook.
 
     The file format (module docstring, format 4) differs slightly: its distances run 1..2**r - 1,
     so a filler covers ``2**r - 1`` positions (``2**r - 2`` in the ``marker`` mode), and a filler's
@@ -839,13 +893,13 @@ def theoretical(enc: Encoded, gap_bits: int | None = None) -> dict:
     ``codes``/``positions``/``codebook``/``total``, and the same in ``bytes`` (bits / 8, float).
     """
     enc.validate()
-    codebook_bits = enc.groups * enc.levels * 32
+    codebook_bits = 0 if enc.raw else enc.groups * enc.levels * 32
     skips = _skips(enc.positions) if enc.sparse else None
 
     def count(r: int) -> dict:
         fillers = int((skips // 2**r).sum()) if enc.sparse else 0
         entries = enc.stored + fillers
-        bits = {"codes": entries * enc.bits, "positions": entries * r, "codebook": codebook_bits}
+        bits = {"codes": entries * enc.value_bits, "positions": entries * r, "codebook": codebook_bits}
         bits["total"] = sum(bits.values())
         return {
             "gap_bits": r,
@@ -1019,8 +1073,9 @@ def apply_storage(
         described[name] = {
             "format": FORMAT,
             "shape": list(enc.shape),
-            "bits": enc.bits,
-            "K": enc.levels,
+            "bits": enc.value_bits,
+            "raw": enc.raw,
+            "K": 0 if enc.raw else enc.levels,
             "groups": enc.groups,
             "group_axis": enc.group_axis,
             "sparse": enc.sparse,
@@ -1146,6 +1201,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
             "params": math.prod(d["shape"]),
             "nonzero": d["nonzero"],
             "bits": d["bits"],
+            "raw": d.get("raw", False),
             "stored": d["stored"],
             "K": d["K"],
             "groups": d["groups"],
@@ -1170,6 +1226,64 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
                     node.output[0], "constant", [a.t], a.t.dims, _maybe_values(a.t)
                 )
     return result
+
+
+def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose compact-stored weights (written by :func:`apply_storage`) are plain
+    initializers again: each weight's decoder is run once by onnxruntime, its nodes and constants
+    are removed and the decoded tensor takes the weight's name, so a compressed model can be
+    imported and compressed further. The metadata entry goes; a model without one is returned as is."""
+    meta = {}
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            try:
+                meta = json.loads(p.value)
+            except ValueError:
+                meta = {}
+    parts = {name: _decoder_parts(model.graph, name) for name in meta}
+    parts = {name: v for name, v in parts.items() if v[0]}
+    if not parts:
+        return model
+    import onnxruntime as ort
+
+    nodes = [n for v in parts.values() for n in v[0]]
+    inits = [t for v in parts.values() for t in v[1].values()]
+    sub = helper.make_model(
+        helper.make_graph(nodes, "decode", [], [], inits), opset_imports=list(model.opset_import)
+    )
+    sub.ir_version = max(model.ir_version, 7)
+    inferred = onnx.shape_inference.infer_shapes(sub)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    sub.graph.output.extend(
+        helper.make_tensor_value_info(n, types.get(n) or TensorProto.FLOAT, None) for n in parts
+    )
+    sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip(parts, sess.run(list(parts), {})))
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    drop_nodes = {n.name for n in nodes}
+    drop_inits = {t.name for t in inits}
+    kept = [n for n in g.node if n.name not in drop_nodes]
+    del g.node[:]
+    g.node.extend(kept)
+    kept_inits = [t for t in g.initializer if t.name not in drop_inits]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits + [numpy_helper.from_array(v, n) for n, v in values.items()])
+    if out.ir_version < 4:  # IR 3 lists every initializer as a graph input
+        kept_inputs = [v for v in g.input if v.name not in drop_inits]
+        del g.input[:]
+        g.input.extend(kept_inputs)
+        g.input.extend(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                       for n, v in values.items())
+    rest = {k: v for k, v in meta.items() if k not in parts}
+    props = [p for p in out.metadata_props if p.key != METADATA_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(props)
+    if rest:
+        out.metadata_props.add(key=METADATA_KEY, value=json.dumps(rest, sort_keys=True, separators=(",", ":")))
+    return out
 
 
 def _maybe_values(t: TensorProto) -> np.ndarray:
