@@ -899,3 +899,21 @@ def test_compressing_a_packed_model_again(baseline, tmp_path):
     names = [n.name for n in onnx.load(str(out)).graph.node if n.name.startswith(PREFIX)]
     assert len({n.split("/")[1] for n in names}) == len(rep["format"]["codebook_tensors"])
     check_output_matches_report(out, rep)
+
+
+def test_packed_model_imports_inspects_and_verifies(baseline):
+    """A model with packed (decoder-node) weights imports with those weights as parameters, and
+    inspect / verify see every layer."""
+    from onnxadmm.importer.graph import OnnxGraphModule
+    from onnxadmm.validate.inspect import describe
+    from onnxadmm.validate.verify import verify_model
+
+    out = baseline["out"]
+    assert baseline["rep"]["format"]["codebook_tensors"]
+    module = OnnxGraphModule(out)
+    params = dict(module.named_onnx_parameters())
+    weights = onnx_weights(out)
+    for n in SIZES:
+        assert np.array_equal(params[n].detach().numpy(), weights[n]), n
+    assert [x["name"] for x in describe(out)["layers"]] == WEIGHTS
+    assert verify_model(out).ok

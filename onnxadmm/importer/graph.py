@@ -55,7 +55,9 @@ class OnnxGraphModule(nn.Module):
 
     def __init__(self, model, outputs: Sequence[str] | None = None):
         super().__init__()
-        model = load_model(model)
+        from ..export.storage import expand_storage
+
+        model = expand_storage(load_model(model))  # weights in onnxadmm's packed form: parameters
         _load_ops()
         graph = model.graph
         self.opsets = analysis.opset_versions(model)

@@ -21,9 +21,11 @@ def _vi(vi: onnx.ValueInfoProto) -> dict:
 
 
 def describe(path) -> dict:
+    from ..export.storage import expand_storage
+
     model = load_model(path)
     g = model.graph
-    weights = analysis.find_weights(model)
+    weights = analysis.find_weights(expand_storage(model))  # packed weights count as their layers
     layers = [
         {
             "name": w.name,

@@ -81,7 +81,9 @@ def verify_model(
     max_samples: int = 64,
 ) -> VerifyResult:
     t0 = time.perf_counter()
-    model = load_model(path)
+    from ..export.storage import expand_storage
+
+    model = expand_storage(load_model(path))  # weights in onnxadmm's packed form: plain tensors
     result = VerifyResult(model=str(path))
     weights = analysis.find_weights(model)
     if not any(w.compressible for w in weights):
