@@ -239,3 +239,43 @@ def test_retraining_lr_decays_with_cosine_in_quiet_mode():
     opt = e.make_optimizer(cfg.retrain_lr)
     e.train_epoch(Unit("retrain", 0, 0), opt, "t")
     assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_auto_format_packs_a_layer_only_where_that_is_smaller(tmp_path):
+    """auto: a quantized layer goes into packed form only when codes + codebook + decoder nodes
+    take fewer bytes than its plain floats; otherwise it stays a plain tensor, still on its grid.
+    ``codebook`` packs every one."""
+    from onnxadmm.export.storage import encode_from_values, storage_bytes
+
+    rep, w = run(tmp_path, "auto4", bits=4)
+    packed = set(rep["format"]["codebook_tensors"])
+    assert "fc1.weight" in packed
+    for n in WEIGHTS:
+        levels = np.unique(w[n])
+        assert len(levels) <= 15, n
+        sizes = storage_bytes(encode_from_values(w[n], levels))
+        assert (n in packed) == (sizes["total"] + sizes["nodes"] < w[n].nbytes), n
+    rep_cb, w_cb = run(tmp_path, "cb4", bits=4, fmt="codebook")
+    assert set(rep_cb["format"]["codebook_tensors"]) == set(WEIGHTS)
+    for n in WEIGHTS:
+        assert np.array_equal(w_cb[n], w[n]), n  # same training (same seed), only the storage differs
+
+
+def test_auto_format_keeps_a_tiny_quantized_layer_plain():
+    """36 weights on 16 clusters: 144 bytes of floats, less than any decoder's nodes."""
+    from onnx import helper
+
+    from onnxadmm.compress.pipeline import _encodings
+    from onnxadmm.compress.quantize import Grid
+
+    rng = np.random.default_rng(0)
+    book = np.sort(rng.standard_normal(16)).astype(np.float32)
+    w = book[rng.integers(0, 16, (4, 1, 3, 3))]
+    proto = helper.make_model(
+        helper.make_graph([], "g", [], [], [numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    grids = {"w": Grid(torch.from_numpy(book)[None], None, "cluster", 4)}
+    assert _encodings("auto", grids, {"w": w}, proto) == {}
+    enc = _encodings("codebook", grids, {"w": w}, proto)["w"]
+    assert enc.levels == len(np.unique(w)) and enc.stored == 36  # unused levels compacted away

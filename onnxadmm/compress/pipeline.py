@@ -381,10 +381,12 @@ def _storage(path: Path) -> dict | None:
 
 def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
-    in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller."""
+    in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller.
+    ``auto`` leaves a tensor in plain floats (its values still exactly on the grid) where the packed
+    form with its decoder nodes would take more bytes, as for a 3x3 convolution of 36 weights."""
     if fmt not in ("auto", "codebook") or not grids:
         return {}
-    from ..export.storage import encode_from_values
+    from ..export.storage import encode_from_values, storage_bytes
 
     inits = {t.name for t in proto.graph.initializer} | {t.values.name for t in proto.graph.sparse_initializer}
     out = {}
@@ -394,7 +396,10 @@ def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> di
             book = g.codebook.detach().cpu().numpy()
             # zeros (pruned entries) off the codebook, e.g. binary {-q, +q}: only the sparse form holds them
             zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
-            out[n] = encode_from_values(w, book, g.group_axis, sparse=True if zeros_off else None)
+            enc = encode_from_values(w, book, g.group_axis, sparse=True if zeros_off else None)
+            sizes = storage_bytes(enc)
+            if fmt == "codebook" or sizes["total"] + sizes["nodes"] < w.nbytes:
+                out[n] = enc
     return out
 
 
