@@ -347,12 +347,7 @@ class Engine:
             self.z_step(unit.step)
             out["residual"] = self.residual()
             out["rho"] = self.state.rho
-            new_rho = min(self.state.rho * self.cfg.rho_multiplier, self.cfg.rho_max)
-            if self.cfg.dual_rescale and new_rho != self.state.rho:
-                with torch.no_grad():
-                    for n in self.names:
-                        self.state.U[n].mul_(self.state.rho / new_rho)
-            self.state.rho = new_rho
+            self.state.rho = min(self.state.rho * self.cfg.rho_multiplier, self.cfg.rho_max)
         out.update(self.evaluate())
         return out
 

@@ -54,7 +54,6 @@ class CompressConfig:
     rho: float = 1e-3  # initial ADMM penalty
     rho_multiplier: float = 3.0  # rho grows by this per ADMM iteration (multi-rho): 1e-3 .. 0.24 in 6
     rho_max: float = 1.0
-    dual_rescale: bool = False  # scale U by rho_old / rho_new when rho grows (keeps the dual rho * U)
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
