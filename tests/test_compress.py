@@ -364,6 +364,24 @@ def test_sigmoid_classifier_head_trains_on_the_sigmoid_input():
     assert float(loss_fn(heads, [t], labels, None, 0.0, 2.0)) == pytest.approx(
         float(F.cross_entropy(t, labels)), rel=1e-6
     )
+    # one column: a binary classifier (binary cross-entropy on the logit, class = logit > 0)
+    from onnxadmm.compress.objective import predictions
+
+    z = torch.tensor([[2.0], [-1.0], [0.5], [-3.0]])
+    y = torch.tensor([1, 0, 0, 1])
+    assert predictions(heads[0], z).tolist() == [1, 0, 1, 0]
+    assert float(loss_fn(heads, [z], y, None, 0.0, 2.0)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(z[:, 0], y.float())), rel=1e-6
+    )
+    assert float(loss_fn(heads, [z], y[:, None], None, 0.0, 2.0)) == pytest.approx(
+        float(loss_fn(heads, [z], y, None, 0.0, 2.0)), rel=1e-6
+    )
+    # without labels: the original's own decisions as the hard targets, and zero gradient at equality
+    s = z.clone().requires_grad_(True)
+    total = loss_fn(heads, [s], None, [z], 0.0, 1.0, pseudo=1.0)
+    hard = F.binary_cross_entropy_with_logits(z[:, 0], (z[:, 0] > 0).float())
+    soft = F.binary_cross_entropy_with_logits(z, torch.sigmoid(z), reduction="sum") / 4
+    assert float(total.detach()) == pytest.approx(float(hard + soft), rel=1e-5)
 
 
 def test_labels_with_distillation_and_sgd(tmp_path):
@@ -915,5 +933,77 @@ def test_packed_model_imports_inspects_and_verifies(baseline):
     weights = onnx_weights(out)
     for n in SIZES:
         assert np.array_equal(params[n].detach().numpy(), weights[n]), n
-    assert [x["name"] for x in describe(out)["layers"]] == WEIGHTS
+    d = describe(out)
+    assert [x["name"] for x in d["layers"]] == WEIGHTS
+    assert d["packed_weights"] == sorted(baseline["rep"]["format"]["codebook_tensors"])
+    assert "ScatterElements" not in d["ops"] and not d["unsupported"]
     assert verify_model(out).ok
+
+
+def _converted(tmp_path, name, opset=None, float16=False) -> Path:
+    """The demo model at another opset and/or with float16 weights and inputs."""
+    m = onnx.load(str(MODEL))
+    if opset is not None:  # Conv, Relu, MaxPool, Reshape, Gemm: the same behaviour at opset 9
+        for o in m.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = opset
+        m.ir_version = onnx.helper.find_min_ir_version_for(list(m.opset_import))
+    if float16:
+        for t in m.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+        for v in list(m.graph.input) + list(m.graph.output):
+            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    path = tmp_path / name
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kw", [{"rate": 20}, {"rate": 8, "bits": 4}], ids=["prune", "prune+4bits"])
+def test_float16_model_in_packed_form(tmp_path, kw):
+    """A float16 model: the packed weights are float16 like the original's and decode exactly."""
+    src = _converted(tmp_path, "f16.onnx", float16=True)
+    out = tmp_path / "f16c.onnx"
+    rep = compress(src, out, "digits", quiet=True, **FAST, **kw)
+    assert rep["format"]["codebook_tensors"]
+    w = onnx_weights(out)
+    for x in rep["layers"]:
+        assert w[x["name"]].dtype == np.float16 and int(np.count_nonzero(w[x["name"]])) == x["nonzero"]
+    # training runs in float32 either way: the float16 model ends where the float32 one does
+    ref = compress(MODEL, tmp_path / "f32c.onnx", "digits", quiet=True, **FAST, **kw)
+    assert rep["accuracy"]["compressed"] == pytest.approx(ref["accuracy"]["compressed"], abs=0.05)
+
+
+def test_old_opset_model_gets_no_packed_sparse_form(tmp_path):
+    """Below opset 11 the sparse decoders would need the opset raised, which may change other nodes:
+    auto keeps such a model's opset and writes pruned layers as COO or dense."""
+    src = _converted(tmp_path, "op9.onnx", opset=9)
+    out = tmp_path / "op9c.onnx"
+    rep = compress(src, out, "digits", rate=20, quiet=True, **FAST)
+    m = onnx.load(str(out))
+    assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [9]
+    assert rep["format"]["codebook_tensors"] == [] and rep["format"]["sparse_tensors"]
+    check_output_matches_report(out, rep)
+
+
+def test_auto_file_is_no_larger_than_dense_or_coo(baseline, tmp_path):
+    """The real files: auto's choice per layer gives a file no larger than all-dense or all-COO."""
+    sizes = {}
+    for fmt in ("dense", "sparse"):
+        out = tmp_path / f"{fmt}.onnx"
+        compress(MODEL, out, "digits", rate=20, seed=0, fmt=fmt, quiet=True, **FAST)
+        sizes[fmt] = out.stat().st_size
+    auto = baseline["out"].stat().st_size
+    assert auto < sizes["sparse"] < sizes["dense"], (auto, sizes)
+
+
+def test_coo_input_is_repacked(tmp_path):
+    """Weights that arrive as ONNX sparse initializers can be written in packed form too."""
+    coo = tmp_path / "coo.onnx"
+    compress(MODEL, coo, "digits", rate=20, fmt="sparse", quiet=True, **FAST)
+    assert sparse_names(coo)
+    out = tmp_path / "again.onnx"
+    rep = compress(coo, out, "digits", rate=30, quiet=True, **FAST)
+    assert set(rep["format"]["codebook_tensors"]) >= {"fc1.weight"}
+    assert not sparse_names(out) & set(rep["format"]["codebook_tensors"])
+    check_output_matches_report(out, rep)

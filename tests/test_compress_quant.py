@@ -245,7 +245,8 @@ def test_auto_format_packs_a_layer_only_where_that_is_smaller(tmp_path):
     """auto: a quantized layer goes into packed form only when codes + codebook + decoder nodes
     take fewer bytes than its plain floats; otherwise it stays a plain tensor, still on its grid.
     ``codebook`` packs every one."""
-    from onnxadmm.export.storage import encode_from_values, storage_bytes
+    from onnxadmm.compress.pipeline import _plain_cost
+    from onnxadmm.export.storage import encode_from_values, file_cost
 
     rep, w = run(tmp_path, "auto4", bits=4)
     packed = set(rep["format"]["codebook_tensors"])
@@ -253,8 +254,8 @@ def test_auto_format_packs_a_layer_only_where_that_is_smaller(tmp_path):
     for n in WEIGHTS:
         levels = np.unique(w[n])
         assert len(levels) <= 15, n
-        sizes = storage_bytes(encode_from_values(w[n], levels))
-        assert (n in packed) == (sizes["total"] + sizes["nodes"] < w[n].nbytes), n
+        cost = min(file_cost(encode_from_values(w[n], levels, sparse=s), n) for s in (False, True))
+        assert (n in packed) == (cost < _plain_cost(n, w[n])), n
     rep_cb, w_cb = run(tmp_path, "cb4", bits=4, fmt="codebook")
     assert set(rep_cb["format"]["codebook_tensors"]) == set(WEIGHTS)
     for n in WEIGHTS:

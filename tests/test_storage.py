@@ -638,3 +638,29 @@ def test_expand_storage_restores_plain_initializers():
         assert np.array_equal(a, b)
     onnx.checker.check_model(plain, full_check=True)
     assert st.expand_storage(reference) is reference  # nothing to expand
+
+
+@pytest.mark.parametrize("name", ["w", "model.encoder.layers.11.attention.self.query.weight"])
+@pytest.mark.parametrize("kind", ["raw", "codes"])
+def test_file_cost_is_what_the_file_grows_by(name, kind):
+    """file_cost (names, nodes, data and the metadata entry) against the real serialized sizes."""
+    rng = np.random.default_rng(1)
+    if kind == "raw":
+        w = _pruned(rng, (32, 32), 0.1)
+        enc = st.encode_sparse(w)
+    else:
+        w, book = _quantized(rng, (32, 32), 2, None, True)
+        enc = encode_from_values(w, book, None, True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", name], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(w, name)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    without = onnx.ModelProto()
+    without.CopyFrom(model)
+    del without.graph.initializer[:]
+    grown = apply_storage(model, {name: enc}).ByteSize() - without.ByteSize()
+    assert abs(st.file_cost(enc, name) - grown) <= 8, (st.file_cost(enc, name), grown)

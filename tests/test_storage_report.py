@@ -27,7 +27,7 @@ def compressed(tmp_path_factory):
     d = tmp_path_factory.mktemp("report")
     out = {}
     out["codebook"] = d / "pq.onnx"
-    compress(MODEL, out["codebook"], "digits", quiet=True, rate=8, bits=2, **FAST)
+    compress(MODEL, out["codebook"], "digits", quiet=True, rate=8, bits=2, fmt="codebook", **FAST)
     out["int8"] = d / "i8.onnx"
     compress(MODEL, out["int8"], "digits", quiet=True, bits=8, fmt="int8", **FAST)
     return out

@@ -14,7 +14,8 @@ A classifier head that ends in Sigmoid (one-vs-rest scores, as some MLP exports 
 the Sigmoid's input: cross-entropy on the bounded (0, 1) outputs themselves has almost no margin to
 push on (michbogos's MNIST MLP: loss 1.5 at 94% accuracy), while the input has the same argmax.
 Its distillation is per-output binary cross-entropy against the original's probabilities, which
-keeps each score's level rather than only their ranking.
+keeps each score's level rather than only their ranking. A one-column Sigmoid head is a binary
+classifier: binary cross-entropy on its logit against 0/1 labels, predicted class ``logit > 0``.
 """
 
 from __future__ import annotations
@@ -92,11 +93,27 @@ def training_heads(model: onnx.ModelProto) -> list[Head]:
     return heads
 
 
+def _binary(head: Head, out: torch.Tensor) -> bool:
+    """A one-column Sigmoid head: a binary classifier whose score is a single logit."""
+    return head.kind == "sigmoid" and head.classes(out).shape[-1] == 1
+
+
 def predictions(head: Head, out: torch.Tensor) -> torch.Tensor:
+    if _binary(head, out):
+        return (head.classes(out)[:, 0] > 0).long()
     return head.classes(out).argmax(-1)
 
 
+def _hard_loss(head: Head, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices (binary cross-entropy for a one-column Sigmoid head)."""
+    if _binary(head, out):
+        return F.binary_cross_entropy_with_logits(head.classes(out)[:, 0], target.float())
+    return F.cross_entropy(head.classes(out), target)
+
+
 def label_indices(labels: torch.Tensor) -> torch.Tensor:
+    if labels.dim() > 1 and labels.shape[-1] == 1:
+        return labels[..., 0].long()  # [N, 1] class indices (binary 0/1 labels)
     return labels.argmax(-1) if labels.dim() > 1 else labels.long()
 
 
@@ -107,7 +124,8 @@ def loss_fn(
     (all heads; used alone when there are no labels)."""
     total = outs[0].new_zeros(())
     if labels is not None and heads[0].kind != "regression":
-        total = total + F.cross_entropy(heads[0].classes(outs[0]), label_indices(labels))
+        target = labels.reshape(-1) if _binary(heads[0], outs[0]) else label_indices(labels)
+        total = total + _hard_loss(heads[0], outs[0], target)
     if teacher is not None and (labels is None or distill > 0):
         w = 1.0 if labels is None else distill
         T = temperature
@@ -119,7 +137,7 @@ def loss_fn(
                 bce = F.binary_cross_entropy_with_logits(sc, torch.sigmoid(tc), reduction="sum")
                 total = total + w * (T * T) * bce / sc.shape[0]
                 if labels is None and pseudo > 0:
-                    total = total + pseudo * F.cross_entropy(h.classes(s), h.classes(t).argmax(-1))
+                    total = total + pseudo * _hard_loss(h, s, predictions(h, t))
             else:
                 ls = F.log_softmax(h.classes(s) / T, -1)
                 lt = F.log_softmax(h.classes(t) / T, -1)

@@ -115,8 +115,16 @@ def compress(
         raise ConfigError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "int8" and (cfg.bits != 8 or cfg.edge_bits not in (None, 8)):
         raise ConfigError("--format int8 needs --bits 8 (integer kernels run 8-bit weights)")
-    if fmt == "codebook" and not cfg.quantizing and cfg.rate is not None and cfg.rate <= 1 and not cfg.layer_rates:
-        raise ConfigError("--format codebook needs quantized or pruned weights (--bits, --clusters or --rate)")
+    if (
+        fmt == "codebook"
+        and not cfg.quantizing
+        and cfg.rate is not None
+        and cfg.rate <= 1
+        and not cfg.layer_rates
+    ):
+        raise ConfigError(
+            "--format codebook needs quantized or pruned weights (--bits, --clusters or --rate)"
+        )
     in_path = Path(model)
     out_path = Path(output)
     from ..export.storage import expand_storage
@@ -219,7 +227,9 @@ def compress(
         engine.load(blob)
         log(f"resuming after unit {engine.state.unit + 1}/{len(units)} from {ckpt_path}")
 
-    what = f"pruning {sum(sizes.values()):,} weights in {len(sizes)} layers to {cfg.rate:.4g}x" if steps else ""
+    what = (
+        f"pruning {sum(sizes.values()):,} weights in {len(sizes)} layers to {cfg.rate:.4g}x" if steps else ""
+    )
     if specs_q:
         q = f"{cfg.clusters} clusters" if cfg.clusters else f"{cfg.bits} bits" if cfg.bits > 1 else "binary"
         what = (what + ", then " if what else f"{sum(sizes.values()):,} weights in {len(sizes)} layers: ") + q
@@ -379,49 +389,78 @@ def _storage(path: Path) -> dict | None:
         return {"error": str(exc)}
 
 
+def _weight_dtypes(proto: onnx.ModelProto) -> dict[str, np.dtype]:
+    """numpy dtype of every float initializer and sparse initializer, by name."""
+    out = {}
+    for t in proto.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            out[t.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    for sp in proto.graph.sparse_initializer:
+        if sp.values.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            out[sp.values.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(sp.values.data_type))
+    return out
+
+
+def _plain_cost(name: str, w: np.ndarray) -> int:
+    """Bytes a dense initializer of ``w`` takes in the file (data, name, dims and framing, roughly)."""
+    return w.nbytes + len(name.encode()) + 8 + 2 * w.ndim
+
+
+def _coo_cost(name: str, w: np.ndarray) -> int:
+    """Bytes of the same weight as an ONNX COO sparse initializer (values + int64 indices)."""
+    nnz = int(np.count_nonzero(w))
+    return nnz * (w.itemsize + 8) + 2 * len(name.encode()) + 24 + 2 * w.ndim
+
+
 def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
     in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller.
     ``auto`` leaves a tensor in plain floats (its values still exactly on the grid) where the packed
-    form with its decoder nodes would take more bytes, as for a 3x3 convolution of 36 weights."""
+    form with its decoder nodes would take more bytes, as for a 3x3 convolution of 36 weights, and
+    uses no sparse form in a model below opset 11 (raising the opset may change other nodes)."""
     if fmt not in ("auto", "codebook") or not grids:
         return {}
-    from ..export.storage import encode_from_values, storage_bytes
+    from ..export.storage import default_opset, encode_from_values, file_cost
 
-    inits = {t.name for t in proto.graph.initializer} | {t.values.name for t in proto.graph.sparse_initializer}
+    dtypes = _weight_dtypes(proto)
+    opset = default_opset(proto)
+    sparse_ok = fmt == "codebook" or opset >= 11
     out = {}
     for n, g in grids.items():
-        if n in inits:
-            w = np.asarray(state[n])
-            book = g.codebook.detach().cpu().numpy()
-            # zeros (pruned entries) off the codebook, e.g. binary {-q, +q}: only the sparse form holds them
-            zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
-            enc = encode_from_values(w, book, g.group_axis, sparse=True if zeros_off else None)
-            sizes = storage_bytes(enc)
-            if fmt == "codebook" or sizes["total"] + sizes["nodes"] < w.nbytes:
-                out[n] = enc
+        if n not in dtypes:
+            continue
+        w = np.asarray(state[n]).astype(dtypes[n])  # the stored dtype (float16 models)
+        book = g.codebook.detach().cpu().numpy().astype(dtypes[n]).astype(np.float32)
+        # zeros (pruned entries) off the codebook, e.g. binary {-q, +q}: only the sparse form holds them
+        zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
+        if zeros_off and not sparse_ok:
+            continue
+        enc = encode_from_values(
+            w, book, g.group_axis, sparse=True if zeros_off else (None if sparse_ok else False)
+        )
+        if fmt == "codebook" or file_cost(enc, n, opset) < _plain_cost(n, w):
+            out[n] = enc
     return out
 
 
 def _compact_sparse(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> dict:
-    """Pruned float initializers stored as raw values + packed relative positions (storage format 5):
+    """Pruned float weights stored as raw values + packed relative positions (storage format 5):
     every one with ``codebook``; with ``auto`` each where that adds fewer bytes to the file than both
-    the dense tensor and an ONNX sparse initializer (values + int64 indices)."""
-    if fmt not in ("auto", "codebook"):
-        return {}
-    from ..export.storage import encode_sparse, storage_bytes
+    the dense tensor and an ONNX sparse initializer (values + int64 indices), in models at opset 11
+    or more (the decoder needs it, and raising the opset may change other nodes)."""
+    from ..export.storage import default_opset, encode_sparse, file_cost
 
-    inits = {t.name for t in original.graph.initializer}
+    opset = default_opset(original)
+    if fmt not in ("auto", "codebook") or (fmt == "auto" and opset < 11):
+        return {}
+    dtypes = _weight_dtypes(original)
     out = {}
     for name, w in weights.items():
-        w = np.asarray(w)
-        if name not in inits or w.dtype not in (np.float32, np.float16) or w.size >= 2**31:
+        if name not in dtypes or np.size(w) >= 2**31:
             continue
+        w = np.asarray(w).astype(dtypes[name])
         enc = encode_sparse(w)
-        sizes = storage_bytes(enc)
-        nnz = enc.stored
-        coo = nnz * (w.itemsize + 8) + 64  # + the sparse tensor's framing, roughly
-        if fmt == "codebook" or sizes["total"] + sizes["nodes"] < min(w.nbytes, coo):
+        if fmt == "codebook" or file_cost(enc, name, opset) < min(_plain_cost(name, w), _coo_cost(name, w)):
             out[name] = enc
     return out
 
@@ -432,7 +471,9 @@ def _write_int8(proto, state, grids, out_path: Path, train: Dataset, input_names
 
     bad = [n for n, g in grids.items() if g.kind != "uniform" or g.codebook.shape[1] > 255]
     if not grids or bad or any(g.bits != 8 for g in grids.values()):
-        raise ConfigError("--format int8 needs every compressed layer quantized with --bits 8 (and no --edge-bits)")
+        raise ConfigError(
+            "--format int8 needs every compressed layer quantized with --bits 8 (and no --edge-bits)"
+        )
     weights = {n: np.asarray(state[n], dtype=np.float32) for n in grids}
     scales = {
         n: (float(g.step.reshape(-1)[0]) if g.group_axis is None else g.step.detach().cpu().numpy())
@@ -475,7 +516,8 @@ def _extract(src: Path, dst: Path, inputs: list[str], outputs: list[str]) -> Non
     keep = analysis.needed_nodes(g, outputs)
     known = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
     new_outputs = [
-        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs
+        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        for n in outputs
     ]
     new_inputs = [vi for vi in g.input if vi.name in inputs or vi.name in {t.name for t in g.initializer}]
     del g.node[:]
@@ -519,7 +561,9 @@ def _auto_distill(module: OnnxGraphModule, heads, train: Dataset, device, log) -
         return 0.0
     per_sample = sum(o.numel() * 4 for o in _original_outputs(module, train, slice(0, 1), device))
     if per_sample * len(train) > TEACHER_CACHE_LIMIT:
-        log("labels only: the original's outputs on the training data are too large to cache for distillation")
+        log(
+            "labels only: the original's outputs on the training data are too large to cache for distillation"
+        )
         return 0.0
     return 1.0
 

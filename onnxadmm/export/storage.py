@@ -99,9 +99,11 @@ __all__ = [
     "analyze",
     "apply_storage",
     "decode",
+    "default_opset",
     "encode_from_values",
     "encode_sparse",
     "expand_storage",
+    "file_cost",
     "storage_bytes",
     "theoretical",
     "unfolded_decode_nodes",
@@ -373,7 +375,9 @@ def encode_from_values(
 
 
 def encode_sparse(w: np.ndarray) -> Encoded:
-    """The raw sparse form (format 5) of a float weight: its non-zero values and their positions."""
+    """The raw sparse form (format 5) of a float weight: its non-zero values and their positions.
+    A ``-0.0`` is a zero like ``+0.0`` (not stored; it decodes to ``+0.0``): masked pruning leaves
+    many, and their sign changes no product or sum other than the sign of an exact zero."""
     w = np.asarray(w)
     if w.dtype not in (np.float32, np.float16):
         raise OnnxAdmmError(f"encode_sparse: weight must be float32 or float16, not {w.dtype}")
@@ -845,6 +849,36 @@ def _build(
 # Byte accounting
 
 
+def _describe(enc: Encoded, layout: _Layout) -> dict:
+    """The weight's entry in the ``METADATA_KEY`` metadata."""
+    return {
+        "format": FORMAT,
+        "shape": list(enc.shape),
+        "bits": enc.value_bits,
+        "raw": enc.raw,
+        "K": 0 if enc.raw else enc.levels,
+        "groups": enc.groups,
+        "group_axis": enc.group_axis,
+        "sparse": enc.sparse,
+        "gap_bits": layout.gap_bits,
+        "stored": enc.stored,
+        "fillers": layout.fillers,
+        "filler_mode": layout.filler_mode,
+        "nonzero": _nonzero(enc),
+    }
+
+
+def file_cost(enc: Encoded, name: str, opset: int = 13, packing: str = "auto") -> int:
+    """Bytes that storing ``enc`` for the weight ``name`` adds to a file: the decoder's data, nodes
+    and tensor names as :func:`apply_storage` writes them (node names repeat ``name``), plus the
+    weight's metadata entry (with the framing of the metadata property itself, which several packed
+    weights share: a conservative price for each)."""
+    b, layout = _build(enc, name, max(opset, _needed_opset(enc)), packing=packing)
+    sizes = b.bytes_by_role()
+    entry = json.dumps({name: _describe(enc, layout)}, sort_keys=True, separators=(",", ":"))
+    return sizes["total"] + sizes["nodes"] + len(entry.encode()) + len(METADATA_KEY) + 8
+
+
 def _tensor_nbytes(t: TensorProto) -> int:
     """Bytes of a tensor's data as stored (raw or external); typed fields counted at item size."""
     if t.HasField("raw_data"):
@@ -918,6 +952,11 @@ def theoretical(enc: Encoded, gap_bits: int | None = None) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Model rewriting
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version."""
+    return _default_opset(model)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -1070,21 +1109,7 @@ def apply_storage(
             raise OnnxAdmmError(f"apply_storage: the model already has a tensor named {min(clash)!r}")
         new_nodes.extend(b.nodes)
         new_inits.extend(t for _, t in b.initializers.values())
-        described[name] = {
-            "format": FORMAT,
-            "shape": list(enc.shape),
-            "bits": enc.value_bits,
-            "raw": enc.raw,
-            "K": 0 if enc.raw else enc.levels,
-            "groups": enc.groups,
-            "group_axis": enc.group_axis,
-            "sparse": enc.sparse,
-            "gap_bits": layout.gap_bits,
-            "stored": enc.stored,
-            "fillers": layout.fillers,
-            "filler_mode": layout.filler_mode,
-            "nonzero": _nonzero(enc),
-        }
+        described[name] = _describe(enc, layout)
 
     kept = [t for i, t in enumerate(graph.initializer) if i not in drop_init]
     del graph.initializer[:]

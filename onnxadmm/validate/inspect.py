@@ -23,9 +23,11 @@ def _vi(vi: onnx.ValueInfoProto) -> dict:
 def describe(path) -> dict:
     from ..export.storage import expand_storage
 
-    model = load_model(path)
+    written = load_model(path)
+    model = expand_storage(written)  # weights in onnxadmm's packed form are described as plain tensors
+    packed = sorted({t.name for t in model.graph.initializer} - {t.name for t in written.graph.initializer})
     g = model.graph
-    weights = analysis.find_weights(expand_storage(model))  # packed weights count as their layers
+    weights = analysis.find_weights(model)
     layers = [
         {
             "name": w.name,
@@ -47,7 +49,8 @@ def describe(path) -> dict:
         "file": str(path) if not isinstance(path, onnx.ModelProto) else None,
         "file_bytes": Path(path).stat().st_size
         if not isinstance(path, onnx.ModelProto)
-        else model.ByteSize(),
+        else written.ByteSize(),
+        "packed_weights": packed,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "ir_version": model.ir_version,
         "opsets": {(k or "ai.onnx"): v for k, v in analysis.opset_versions(model).items()},
@@ -79,6 +82,11 @@ def format_description(d: dict) -> str:
         for v in d[kind]:
             lines.append(f"{kind[:-1]:<10} {v['name']}  {v['dtype']}  {v['shape']}")
     lines.append("ops        " + ", ".join(f"{k}x{v}" for k, v in d["ops"].items()))
+    if d.get("packed_weights"):
+        lines.append(
+            f"packed     {len(d['packed_weights'])} weight(s) stored by onnxadmm as codes/positions, "
+            "decoded at load (ops above and layers below as decoded)"
+        )
     if d["layers"]:
         w = max(len(x["name"]) for x in d["layers"])
         w = min(max(w, 5), 60)

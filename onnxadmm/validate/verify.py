@@ -83,7 +83,8 @@ def verify_model(
     t0 = time.perf_counter()
     from ..export.storage import expand_storage
 
-    model = expand_storage(load_model(path))  # weights in onnxadmm's packed form: plain tensors
+    as_written = load_model(path)
+    model = expand_storage(as_written)  # weights in onnxadmm's packed form: plain tensors for torch
     result = VerifyResult(model=str(path))
     weights = analysis.find_weights(model)
     if not any(w.compressible for w in weights):
@@ -100,7 +101,7 @@ def verify_model(
     module = OnnxGraphModule(model, outputs=graph_outs + extra)
     result.checks.append(Check("import", True, f"{len(module._program)} nodes, {len(weights)} parameters"))
 
-    sess = ortrun.session(model)
+    sess = ortrun.session(as_written)  # the reference: onnxruntime on the file as it is
     specs = ortrun.input_specs(sess)
     b0 = ortrun.fixed_batch_of(specs)
     if data is not None:
