@@ -974,16 +974,50 @@ def test_float16_model_in_packed_form(tmp_path, kw):
     assert rep["accuracy"]["compressed"] == pytest.approx(ref["accuracy"]["compressed"], abs=0.05)
 
 
-def test_old_opset_model_gets_no_packed_sparse_form(tmp_path):
-    """Below opset 11 the sparse decoders would need the opset raised, which may change other nodes:
-    auto keeps such a model's opset and writes pruned layers as COO or dense."""
+def test_old_opset_model_is_raised_when_that_changes_nothing(tmp_path):
+    """The demo model at opset 9: raising it to 11 for the sparse decoders keeps its outputs, so
+    auto packs the pruned layers and the file runs at opset 11."""
     src = _converted(tmp_path, "op9.onnx", opset=9)
     out = tmp_path / "op9c.onnx"
     rep = compress(src, out, "digits", rate=20, quiet=True, **FAST)
     m = onnx.load(str(out))
-    assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [9]
-    assert rep["format"]["codebook_tensors"] == [] and rep["format"]["sparse_tensors"]
+    assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [11]
+    assert "fc1.weight" in rep["format"]["codebook_tensors"]
     check_output_matches_report(out, rep)
+
+
+def test_no_packed_sparse_form_where_raising_the_opset_changes_outputs():
+    """onnx.version_converter turns Upsample(linear) at opset 9 into a Resize-11 with another
+    coordinate mode: auto then keeps the opset and leaves pruned layers to COO or dense."""
+    from onnx import TensorProto, helper
+
+    from onnxadmm.compress.pipeline import _compact_sparse, _sparse_decoders_ok
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 1, 5, 5)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+
+    def model(upsample: bool):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"])]
+        if upsample:
+            nodes.append(helper.make_node("Upsample", ["r", "s"], ["y"], mode="linear"))
+        else:
+            nodes.append(helper.make_node("Identity", ["r"], ["y"]))
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "s")]
+        g = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            inits,
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
+
+    assert _sparse_decoders_ok(model(False))
+    assert not _sparse_decoders_ok(model(True))
+    assert _compact_sparse("auto", {"w": w}, model(True)) == {}
+    assert set(_compact_sparse("auto", {"w": w}, model(False))) == {"w"}
+    assert set(_compact_sparse("codebook", {"w": w}, model(True))) == {"w"}  # asked for explicitly
 
 
 def test_auto_file_is_no_larger_than_dense_or_coo(baseline, tmp_path):

@@ -412,19 +412,45 @@ def _coo_cost(name: str, w: np.ndarray) -> int:
     return nnz * (w.itemsize + 8) + 2 * len(name.encode()) + 24 + 2 * w.ndim
 
 
+def _sparse_decoders_ok(proto: onnx.ModelProto) -> bool:
+    """Whether the packed sparse decoders (opset 11) can go into this model: it is at opset 11 or
+    more, or raising it changes no node's schema, or onnx.version_converter's raised model gives
+    the same onnxruntime outputs on random inputs (its adapters are not all exact: Upsample becomes
+    a Resize-11 with another coordinate mode, for example)."""
+    from ..export.storage import _raise_opset, default_opset
+    from ..validate import ortrun
+
+    if default_opset(proto) >= 11:
+        return True
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    try:
+        raised = _raise_opset(copy, 11)
+        before = ortrun.session(proto)
+        feeds = ortrun.random_inputs(ortrun.input_specs(before), batch=2, seed=0)
+        a = before.run(None, feeds)
+        b = ortrun.session(raised).run(None, feeds)
+    except Exception:  # noqa: BLE001 - any failure: keep the model's opset, use COO instead
+        return False
+    return all(
+        x.shape == y.shape and np.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
 def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
     in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller.
     ``auto`` leaves a tensor in plain floats (its values still exactly on the grid) where the packed
     form with its decoder nodes would take more bytes, as for a 3x3 convolution of 36 weights, and
-    uses no sparse form in a model below opset 11 (raising the opset may change other nodes)."""
+    uses no sparse form where the model's opset cannot safely be raised to 11 (:func:`_sparse_decoders_ok`)."""
     if fmt not in ("auto", "codebook") or not grids:
         return {}
     from ..export.storage import default_opset, encode_from_values, file_cost
 
     dtypes = _weight_dtypes(proto)
     opset = default_opset(proto)
-    sparse_ok = fmt == "codebook" or opset >= 11
+    sparse_ok = fmt == "codebook" or _sparse_decoders_ok(proto)
     out = {}
     for n, g in grids.items():
         if n not in dtypes:
@@ -446,12 +472,12 @@ def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> di
 def _compact_sparse(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> dict:
     """Pruned float weights stored as raw values + packed relative positions (storage format 5):
     every one with ``codebook``; with ``auto`` each where that adds fewer bytes to the file than both
-    the dense tensor and an ONNX sparse initializer (values + int64 indices), in models at opset 11
-    or more (the decoder needs it, and raising the opset may change other nodes)."""
+    the dense tensor and an ONNX sparse initializer (values + int64 indices), in models whose opset is
+    11 or can safely be raised to it (:func:`_sparse_decoders_ok`)."""
     from ..export.storage import default_opset, encode_sparse, file_cost
 
     opset = default_opset(original)
-    if fmt not in ("auto", "codebook") or (fmt == "auto" and opset < 11):
+    if fmt not in ("auto", "codebook") or not weights or (fmt == "auto" and not _sparse_decoders_ok(original)):
         return {}
     dtypes = _weight_dtypes(original)
     out = {}
