@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if args.write:
-        cmd = "python benchmarks/bench_sparse_storage.py" + (f" --rates {args.rates}" if argv else "")
+        default = ap.get_default("rates")
+        cmd = "python benchmarks/bench_sparse_storage.py" + (f" --rates {args.rates}" if args.rates != default else "")
         body = (
             "Pruned float weights (no quantization) written four ways with the library's writer: dense "
             "tensors, ONNX COO sparse initializers (float32 values + int64 indices: 12 bytes per non-zero), "

@@ -1041,3 +1041,38 @@ def test_coo_input_is_repacked(tmp_path):
     assert set(rep["format"]["codebook_tensors"]) >= {"fc1.weight"}
     assert not sparse_names(out) & set(rep["format"]["codebook_tensors"])
     check_output_matches_report(out, rep)
+
+
+def test_final_step_retraining_epochs():
+    from onnxadmm.compress.admm import plan
+
+    cfg = CompressConfig(admm_iterations=2, retrain_epochs=1, final_retrain_epochs=3).validate()
+    units = plan(cfg, 3)
+    per_step = [sum(u.kind == "retrain" and u.step == s for u in units) for s in range(3)]
+    assert per_step == [1, 1, 3]
+    assert cfg.retrain_epochs_of(2, 3) == 3 and cfg.retrain_epochs_of(1, 3) == 1
+    assert CompressConfig(retrain_epochs=2).validate().retrain_epochs_of(0, 1) == 2  # None: as the others
+    with pytest.raises(ConfigError, match="final_retrain_epochs"):
+        CompressConfig(final_retrain_epochs=-1).validate()
+
+
+def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
+    """If writing the packed form fails, auto writes plain / COO tensors (and says so); an explicit
+    --format codebook fails with the error and leaves no output file."""
+    from onnxadmm.errors import OnnxAdmmError
+    from onnxadmm.export import storage
+
+    def broken(*a, **k):
+        raise OnnxAdmmError("simulated converter failure")
+
+    monkeypatch.setattr(storage, "apply_storage", broken)
+    logs: list[str] = []
+    out = tmp_path / "auto.onnx"
+    rep = compress(MODEL, out, "digits", rate=20, log=logs.append, quiet=True, **FAST)
+    assert any("packed storage not possible" in line for line in logs)
+    assert rep["format"]["codebook_tensors"] == [] and rep["format"]["sparse_tensors"]
+    check_output_matches_report(out, rep)
+    cb = tmp_path / "cb.onnx"
+    with pytest.raises(OnnxAdmmError, match="simulated"):
+        compress(MODEL, cb, "digits", rate=20, fmt="codebook", quiet=True, **FAST)
+    assert not cb.exists()

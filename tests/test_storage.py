@@ -664,3 +664,35 @@ def test_file_cost_is_what_the_file_grows_by(name, kind):
     del without.graph.initializer[:]
     grown = apply_storage(model, {name: enc}).ByteSize() - without.ByteSize()
     assert abs(st.file_cost(enc, name) - grown) <= 8, (st.file_cost(enc, name), grown)
+
+
+def test_opset_raise_through_converter_keeps_sparse_initializers():
+    """A model at opset 10 whose Gemm changes schema at 11 (so onnx.version_converter runs) and
+    which also holds a COO sparse initializer: the converter must not lose it."""
+    rng = np.random.default_rng(2)
+    w1 = _pruned(rng, (20, 16), 0.3)
+    w2 = _pruned(rng, (16, 12), 0.3)
+    sp = onnx.helper.make_sparse_tensor(
+        numpy_helper.from_array(w2[w2 != 0], "w2"),
+        numpy_helper.from_array(np.flatnonzero(w2).astype(np.int64), "w2_idx"),
+        list(w2.shape),
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="m2"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.ones(16, np.float32), "b1")],
+        sparse_initializer=[sp],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    model.ir_version = 6
+    out = apply_storage(model, {"w1": st.encode_sparse(w1)})
+    assert st.default_opset(out) == 11 and [s.values.name for s in out.graph.sparse_initializer] == ["w2"]
+    assert "w2" not in {v.name for v in out.graph.input}
+    feeds = _feeds(model)
+    for a, b in zip(_run(model, feeds), _run(out, feeds), strict=True):
+        assert np.array_equal(a, b)

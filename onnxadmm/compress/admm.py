@@ -28,7 +28,7 @@ def plan(cfg: CompressConfig, n_steps: int) -> list[Unit]:
     units = []
     for s in range(n_steps):
         units += [Unit("admm", s, k) for k in range(cfg.admm_iterations)]
-        units += [Unit("retrain", s, e) for e in range(max(1, math.ceil(cfg.retrain_epochs)))]
+        units += [Unit("retrain", s, e) for e in range(max(1, math.ceil(cfg.retrain_epochs_of(s, n_steps))))]
     return units
 
 
@@ -296,11 +296,12 @@ class Engine:
         from tqdm import tqdm
 
         admm = unit.kind == "admm"
-        epochs = self.cfg.epochs_per_iteration if admm else min(1.0, self.cfg.retrain_epochs - unit.index)
+        retrain = self.cfg.retrain_epochs_of(unit.step, len(self.keep))
+        epochs = self.cfg.epochs_per_iteration if admm else min(1.0, retrain - unit.index)
         bar = None
         run_loss, seen = 0.0, 0
         self.m.train()
-        n_units = max(1, math.ceil(self.cfg.retrain_epochs))
+        n_units = max(1, math.ceil(retrain))
         cosine = not admm and self.cfg.retrain_schedule == "cosine"
         for done, (xs, y, t, total) in enumerate(self.batches(epochs)):
             if bar is None:

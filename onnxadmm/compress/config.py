@@ -51,6 +51,7 @@ class CompressConfig:
     admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
     epochs_per_iteration: float = 1.0
     retrain_epochs: float = 4.0  # masked retraining epochs per step
+    final_retrain_epochs: float | None = None  # masked retraining of the last step (None: retrain_epochs)
     rho: float = 1e-3  # initial ADMM penalty
     rho_multiplier: float = 3.0  # rho grows by this per ADMM iteration (multi-rho): 1e-3 .. 0.24 in 6
     rho_max: float = 1.0
@@ -107,7 +108,7 @@ class CompressConfig:
             if not whole or int(v) < 1:
                 raise ConfigError(f"{name} {v!r}: expected a whole number of at least 1")
             setattr(self, name, int(v))
-        for name in ("epochs_per_iteration", "retrain_epochs", "distill", "pseudo_labels"):
+        for name in ("epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if not 0 <= self.allocation_power <= 1:
@@ -115,6 +116,12 @@ class CompressConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
         return self
+
+    def retrain_epochs_of(self, step: int, n_steps: int) -> float:
+        """Masked retraining epochs of progressive step ``step`` (0-based) of ``n_steps``."""
+        if step == n_steps - 1 and self.final_retrain_epochs is not None:
+            return self.final_retrain_epochs
+        return self.retrain_epochs
 
     def to_dict(self) -> dict:
         return asdict(self)

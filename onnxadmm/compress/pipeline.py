@@ -285,12 +285,23 @@ def compress(
     int8_info = None
     if fmt == "int8":
         int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work)
-    else:
+    elif not encodings:
         export_onnx(proto, state, out_path, sparse=sparse, force=force)
-        if encodings:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
-            from ..export.storage import apply_storage
+    else:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
+        from ..export.storage import apply_storage
 
-            save_model(apply_storage(load_model(out_path), encodings), out_path)
+        plain = export_onnx(proto, state, work / "plain.onnx", sparse=sparse)
+        try:
+            packed = apply_storage(load_model(plain), encodings)
+        except OnnxAdmmError as exc:
+            if fmt != "auto":
+                raise
+            log(f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead")
+            encodings = {}
+            sparse = _pick_format(fmt, {n: state[n] for n in pruned}, proto)
+            export_onnx(proto, state, out_path, sparse=sparse, force=force)
+        else:
+            save_model(packed, out_path)  # atomic: out_path is either untouched or complete
     train_seconds = time.perf_counter() - t0
 
     graph_outs = [o.name for o in proto.graph.output]

@@ -212,8 +212,12 @@ class Encoded:
         if self.raw:
             if self.positions is None or self.group_axis is not None:
                 raise OnnxAdmmError("Encoded: raw values (bits 0) need the sparse form and one group")
-            if self.codebook.shape != (1, self.stored) or not np.array_equal(self.codes, np.arange(self.stored)):
-                raise OnnxAdmmError("Encoded: raw values need codes arange(stored) and a [1, stored] codebook")
+            if self.codebook.shape != (1, self.stored) or not np.array_equal(
+                self.codes, np.arange(self.stored)
+            ):
+                raise OnnxAdmmError(
+                    "Encoded: raw values need codes arange(stored) and a [1, stored] codebook"
+                )
         elif self.codebook.ndim != 2 or not 1 <= self.levels <= 2**self.bits:
             raise OnnxAdmmError(
                 f"Encoded: codebook must be [G, K] with 1 <= K <= 2**bits = {2**self.bits}, "
@@ -999,8 +1003,23 @@ def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             target,
             ", ".join(sorted(changed)),
         )
+        # the converter does not know sparse initializers ("input ... is undefined"): it sees them as
+        # graph inputs of their type and shape, and they are put back afterwards
+        sparse = list(model.graph.sparse_initializer)
+        names = {sp.values.name for sp in sparse}
+        if sparse:
+            del model.graph.sparse_initializer[:]
+            model.graph.input.extend(
+                helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims))
+                for sp in sparse
+            )
         try:
             model = onnx.version_converter.convert_version(model, target)
+            if sparse:
+                kept = [v for v in model.graph.input if v.name not in names]
+                del model.graph.input[:]
+                model.graph.input.extend(kept)
+                model.graph.sparse_initializer.extend(sparse)
         except Exception as exc:
             raise OnnxAdmmError(
                 f"the decoders need opset {target} but the model is at opset {old} and "
@@ -1300,14 +1319,18 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
         kept_inputs = [v for v in g.input if v.name not in drop_inits]
         del g.input[:]
         g.input.extend(kept_inputs)
-        g.input.extend(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                       for n, v in values.items())
+        g.input.extend(
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for n, v in values.items()
+        )
     rest = {k: v for k, v in meta.items() if k not in parts}
     props = [p for p in out.metadata_props if p.key != METADATA_KEY]
     del out.metadata_props[:]
     out.metadata_props.extend(props)
     if rest:
-        out.metadata_props.add(key=METADATA_KEY, value=json.dumps(rest, sort_keys=True, separators=(",", ":")))
+        out.metadata_props.add(
+            key=METADATA_KEY, value=json.dumps(rest, sort_keys=True, separators=(",", ":"))
+        )
     return out
 
 
