@@ -273,8 +273,11 @@ def compress(
     state = module.onnx_state()
     pruned = {n for n in sizes if final[n] < sizes[n]}
     grids = dict(engine.state.grids)
-    encodings = _encodings(fmt, grids, state, proto)
-    encodings.update(_compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto))
+    sparse_ok = fmt == "codebook" or (fmt == "auto" and bool(grids or pruned) and _sparse_decoders_ok(proto))
+    encodings = _encodings(fmt, grids, state, proto, sparse_ok)
+    encodings.update(
+        _compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto, sparse_ok)
+    )
     sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
@@ -449,7 +452,9 @@ def _sparse_decoders_ok(proto: onnx.ModelProto) -> bool:
     )
 
 
-def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> dict:
+def _encodings(
+    fmt: str, grids: dict, state: dict, proto: onnx.ModelProto, sparse_ok: bool | None = None
+) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
     in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller.
     ``auto`` leaves a tensor in plain floats (its values still exactly on the grid) where the packed
@@ -461,7 +466,8 @@ def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> di
 
     dtypes = _weight_dtypes(proto)
     opset = default_opset(proto)
-    sparse_ok = fmt == "codebook" or _sparse_decoders_ok(proto)
+    if sparse_ok is None:
+        sparse_ok = fmt == "codebook" or _sparse_decoders_ok(proto)
     out = {}
     for n, g in grids.items():
         if n not in dtypes:
@@ -480,15 +486,21 @@ def _encodings(fmt: str, grids: dict, state: dict, proto: onnx.ModelProto) -> di
     return out
 
 
-def _compact_sparse(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto) -> dict:
+def _compact_sparse(
+    fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelProto, sparse_ok: bool | None = None
+) -> dict:
     """Pruned float weights stored as raw values + packed relative positions (storage format 5):
     every one with ``codebook``; with ``auto`` each where that adds fewer bytes to the file than both
     the dense tensor and an ONNX sparse initializer (values + int64 indices), in models whose opset is
-    11 or can safely be raised to it (:func:`_sparse_decoders_ok`)."""
+    11 or can safely be raised to it (``sparse_ok``; None: :func:`_sparse_decoders_ok` decides)."""
     from ..export.storage import default_opset, encode_sparse, file_cost
 
     opset = default_opset(original)
-    if fmt not in ("auto", "codebook") or not weights or (fmt == "auto" and not _sparse_decoders_ok(original)):
+    if fmt not in ("auto", "codebook") or not weights:
+        return {}
+    if sparse_ok is None:
+        sparse_ok = fmt == "codebook" or _sparse_decoders_ok(original)
+    if not sparse_ok:
         return {}
     dtypes = _weight_dtypes(original)
     out = {}
