@@ -231,11 +231,14 @@ def admm_epochs(cfg: dict, n_steps: int, n_train: int) -> float:
         total = max(1, int(round(per_epoch * e)))
         return max(total, int(round(cfg["min_batches"] * min(e, 1.0)))) if e > 0 else total
 
-    retrain = [min(1.0, cfg["retrain_epochs"] - k) for k in range(max(1, math.ceil(cfg["retrain_epochs"])))]
-    per_step = cfg["admm_iterations"] * n_batches(cfg["epochs_per_iteration"]) + sum(
-        n_batches(e) for e in retrain
-    )
-    return n_steps * per_step / per_epoch
+    def step_batches(retrain_epochs: float) -> int:
+        retrain = [min(1.0, retrain_epochs - k) for k in range(max(1, math.ceil(retrain_epochs)))]
+        return cfg["admm_iterations"] * n_batches(cfg["epochs_per_iteration"]) + sum(n_batches(e) for e in retrain)
+
+    final = cfg.get("final_retrain_epochs")
+    final = cfg["retrain_epochs"] if final is None else final
+    total = (n_steps - 1) * step_batches(cfg["retrain_epochs"]) + step_batches(final)
+    return total / per_epoch
 
 
 CONV_WEIGHTS = ("conv1.weight", "conv2.weight")
