@@ -206,6 +206,11 @@ def _defaults():
     type=float,
     help=f"Masked retraining epochs per step. [default: {_defaults().retrain_epochs}]",
 )
+@click.option(
+    "--final-retrain-epochs",
+    type=float,
+    help="Masked retraining epochs of the last step (longer recovery at high rates). [default: as --retrain-epochs]",
+)
 @click.option("--rho", type=float, help=f"Initial ADMM penalty rho. [default: {_defaults().rho}]")
 @click.option(
     "--rho-multiplier",

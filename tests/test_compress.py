@@ -669,6 +669,7 @@ def cli_run(work, fast_toml):
     """compress through the CLI with --seed 1 and the report as JSON."""
     out = work / "cli.onnx"
     args = ["compress", MODEL, out, "--data", "digits", "--rate", "20x", "--seed", "1", "--config", fast_toml]
+    args += ["--final-retrain-epochs", "2"]
     r = invoke(*args, *CLI_FAST, "--json")
     return {"result": r, "out": out, "args": args}
 
@@ -681,6 +682,9 @@ def test_cli_compress(cli_run, baseline):
     check_output_matches_report(out, rep)
     assert rep["config"]["seed"] == 1 and rep["config"]["min_batches"] == 1
     assert rep["config"]["max_batches_per_epoch"] == 2 and rep["config"]["admm_iterations"] == 2
+    assert rep["config"]["final_retrain_epochs"] == 2
+    retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]
+    assert retrain == [0, 1, 1]  # one epoch in the first of the two steps, two in the last
     report = out.with_name("cli.report.json")
     assert json.loads(report.read_text())["pruning_rate"] == rep["pruning_rate"]
     assert not same_weights(out, baseline["out"])  # seed 1 differs from seed 0
