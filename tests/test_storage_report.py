@@ -28,6 +28,8 @@ def compressed(tmp_path_factory):
     out = {}
     out["codebook"] = d / "pq.onnx"
     compress(MODEL, out["codebook"], "digits", quiet=True, rate=8, bits=2, fmt="codebook", **FAST)
+    out["packed"] = d / "pruned.onnx"
+    compress(MODEL, out["packed"], "digits", quiet=True, rate=20, **FAST)
     out["int8"] = d / "i8.onnx"
     compress(MODEL, out["int8"], "digits", quiet=True, bits=8, fmt="int8", **FAST)
     return out
@@ -124,3 +126,24 @@ def test_cli_report_errors(tmp_path):
     bad.write_bytes(b"not a model")
     r = CliRunner().invoke(cli, ["report", str(bad)])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_packed_pruned_model_report(compressed):
+    """Pruned float layers in the packed form (raw values + positions): byte counts add up, the
+    values cost 4 bytes per stored entry, and the file's weight bytes are what the report says."""
+    from onnxadmm.export.storage import analyze
+
+    path = compressed["packed"]
+    rep = storage_report(path, reference=MODEL)
+    w = decoded_weights(path)
+    packed = [x for x in rep["layers"] if x["storage"] == "packed"]
+    assert {x["name"] for x in packed} >= {"fc1.weight"}
+    entries = analyze(onnx.load(str(path)))
+    for x in packed:
+        e = entries[x["name"]]
+        assert x["bits"] == 32 and x["bytes"]["values"] == 4 * (e["stored"] + e["fillers"])
+        assert x["nonzero"] == np.count_nonzero(w[x["name"]]) == e["nonzero"]
+        assert x["bytes"]["file"] == x["bytes"]["values"] + x["bytes"]["positions"] + x["bytes"]["codebook"]
+    t = rep["total"]
+    assert t["file_weight_bytes"] == sum(x["bytes"]["file"] for x in rep["layers"]) < rep["file_bytes"]
+    assert rep["file_bytes"] == path.stat().st_size

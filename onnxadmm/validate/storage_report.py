@@ -165,7 +165,8 @@ def storage_report(model_path, reference=None) -> dict:
                 vb, pb, cb = b["codes"], b["positions"], b["codebook"]
             row = {
                 "name": n,
-                "storage": e["storage"],
+                # raw values + packed positions (pruned, not quantized): "packed" rather than "codebook"
+                "storage": "packed" if e.get("raw") else e["storage"],
                 "bits": e.get("bits") or (16 if np.asarray(w).dtype == np.float16 else 32),
                 "bytes": {"values": vb, "positions": pb, "codebook": cb},
             }
