@@ -60,6 +60,18 @@ def _model(
     return model
 
 
+def _matmul_model(w: np.ndarray, name: str = "w") -> onnx.ModelProto:
+    """One MatMul of a [1, rows] input by the float32 weight ``w`` (named ``name``), opset 13."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", name], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, name)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     inits = {t.name for t in model.graph.initializer}
@@ -230,14 +242,7 @@ def test_gap_beyond_16_bits():
     w = np.zeros(shape, np.float32)
     w.reshape(-1)[[1, 150_000, 199_999]] = [0.5, -0.25, 0.5]
     enc = encode_from_values(w, [-0.25, 0.5], sparse=True)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 500])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    reference = _matmul_model(w)
     out = apply_storage(reference, {"w": enc})
     _check_exact(reference, out)
     meta = json.loads(out.metadata_props[0].value)["w"]
@@ -575,14 +580,7 @@ def test_raw_values_long_gaps_use_zero_fillers():
         assert np.count_nonzero(codes < 0) == fillers  # fillers read a 0 from the value stream
         pos = np.cumsum(gaps)
         assert np.array_equal(pos[codes >= 0], enc.positions)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 500])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    reference = _matmul_model(w)
     _check_exact(reference, apply_storage(reference, {"w": enc}))
 
 
@@ -651,14 +649,7 @@ def test_file_cost_is_what_the_file_grows_by(name, kind):
     else:
         w, book = _quantized(rng, (32, 32), 2, None, True)
         enc = encode_from_values(w, book, None, True)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", name], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
-        [numpy_helper.from_array(w, name)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = _matmul_model(w, name)
     without = onnx.ModelProto()
     without.CopyFrom(model)
     del without.graph.initializer[:]

@@ -431,7 +431,7 @@ def _sparse_decoders_ok(proto: onnx.ModelProto) -> bool:
     more, or raising it changes no node's schema, or onnx.version_converter's raised model gives
     the same onnxruntime outputs on random inputs (its adapters are not all exact: Upsample becomes
     a Resize-11 with another coordinate mode, for example)."""
-    from ..export.storage import _raise_opset, default_opset
+    from ..export.storage import default_opset, raise_opset
     from ..validate import ortrun
 
     if default_opset(proto) >= 11:
@@ -439,7 +439,7 @@ def _sparse_decoders_ok(proto: onnx.ModelProto) -> bool:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     try:
-        raised = _raise_opset(copy, 11)
+        raised = raise_opset(copy, 11)
         before = ortrun.session(proto)
         feeds = ortrun.random_inputs(ortrun.input_specs(before), batch=2, seed=0)
         a = before.run(None, feeds)

@@ -104,6 +104,7 @@ __all__ = [
     "encode_sparse",
     "expand_storage",
     "file_cost",
+    "raise_opset",
     "storage_bytes",
     "theoretical",
     "unfolded_decode_nodes",
@@ -959,15 +960,35 @@ def theoretical(enc: Encoded, gap_bits: int | None = None) -> dict:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    """The model's default-domain (``ai.onnx``) opset version."""
-    return _default_opset(model)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset version (0 without one)."""
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 0
+
+
+def _read_meta(model: onnx.ModelProto, warn: bool = False) -> dict:
+    """The ``METADATA_KEY`` entry of ``model`` ({} when absent or unreadable)."""
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            try:
+                return json.loads(p.value)
+            except ValueError:
+                if warn:
+                    log.warning("ignoring unreadable %s metadata", METADATA_KEY)
+                return {}
+    return {}
+
+
+def _write_meta(model: onnx.ModelProto, meta: dict) -> None:
+    """Replace ``model``'s ``METADATA_KEY`` entry by ``meta`` (removed when empty), in place."""
+    props = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    if meta:
+        model.metadata_props.add(
+            key=METADATA_KEY, value=json.dumps(meta, sort_keys=True, separators=(",", ":"))
+        )
 
 
 def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -981,9 +1002,9 @@ def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _iter_nodes(g)
 
 
-def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """``model`` with its default-domain opset raised to ``target`` (see the module docstring)."""
-    old = _default_opset(model)
+    old = default_opset(model)
     changed = set()
     for node in _iter_nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
@@ -1088,9 +1109,9 @@ def apply_storage(
         return out
     for enc in encodings.values():
         enc.validate()
-    target = max([opset_min or 0, _default_opset(out)] + [_needed_opset(e) for e in encodings.values()])
-    if target > _default_opset(out):
-        out = _raise_opset(out, target)
+    target = max([opset_min or 0, default_opset(out)] + [_needed_opset(e) for e in encodings.values()])
+    if target > default_opset(out):
+        out = raise_opset(out, target)
     graph = out.graph
 
     inits = {t.name: i for i, t in enumerate(graph.initializer)}
@@ -1147,20 +1168,7 @@ def apply_storage(
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)
 
-    meta = {}
-    kept_props = []
-    for p in out.metadata_props:
-        if p.key == METADATA_KEY:
-            try:
-                meta = json.loads(p.value)
-            except ValueError:
-                meta = {}
-        else:
-            kept_props.append(p)
-    meta.update(described)
-    del out.metadata_props[:]
-    out.metadata_props.extend(kept_props)
-    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True, separators=(",", ":")))
+    _write_meta(out, {**_read_meta(out), **described})
     return out
 
 
@@ -1214,13 +1222,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
     loaded (their ``nonzero`` is then ``params``).
     """
     graph = model.graph
-    meta: dict = {}
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            try:
-                meta = json.loads(p.value)
-            except ValueError:
-                log.warning("ignoring unreadable %s metadata", METADATA_KEY)
+    meta = _read_meta(model, warn=True)
     result: dict[str, dict] = {}
     owned: set[str] = set()
     for name, d in meta.items():
@@ -1277,13 +1279,7 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     initializers again: each weight's decoder is run once by onnxruntime, its nodes and constants
     are removed and the decoded tensor takes the weight's name, so a compressed model can be
     imported and compressed further. The metadata entry goes; a model without one is returned as is."""
-    meta = {}
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            try:
-                meta = json.loads(p.value)
-            except ValueError:
-                meta = {}
+    meta = _read_meta(model)
     parts = {name: _decoder_parts(model.graph, name) for name in meta}
     parts = {name: v for name, v in parts.items() if v[0]}
     if not parts:
@@ -1323,14 +1319,7 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
             for n, v in values.items()
         )
-    rest = {k: v for k, v in meta.items() if k not in parts}
-    props = [p for p in out.metadata_props if p.key != METADATA_KEY]
-    del out.metadata_props[:]
-    out.metadata_props.extend(props)
-    if rest:
-        out.metadata_props.add(
-            key=METADATA_KEY, value=json.dumps(rest, sort_keys=True, separators=(",", ":"))
-        )
+    _write_meta(out, {k: v for k, v in meta.items() if k not in parts})
     return out
 
 
