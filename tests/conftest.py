@@ -8,6 +8,8 @@ Fixtures:
 - ``models_dir``: ``shared/models``.
 - ``manifest``: the parsed ``shared/models/manifest.json`` (a list of dicts).
 - ``mnist``: path of the MNIST test data ``shared/data/mnist.npz``.
+- ``binary_digits_model(path, sigmoid)``: writes a one-output-column classifier built on the
+  bundled digits CNN (importable: ``from conftest import binary_digits_model``).
 - ``shared_model``: parametrizes a test over every model of the manifest; the value is the
   manifest entry with an added ``"path"`` (a ``Path``). Ids are the model files.
 """
@@ -18,7 +20,38 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
+
+DIGITS_MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+
+
+def binary_digits_model(path: Path, sigmoid: bool) -> Path:
+    """The digits CNN turned into a 'digit 0 or not' classifier with one output column: the logit
+    of class 0 minus the largest other logit (positive exactly where the CNN predicts 0)."""
+    m = onnx.load(DIGITS_MODEL)
+    consts = {"b0": [0], "b1": [1], "b10": [10], "ax": [1]}
+    for name, v in consts.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.int64), name))
+    m.graph.node.extend(
+        [
+            helper.make_node("Slice", ["logits", "b0", "b1", "ax"], ["zero"]),
+            helper.make_node("Slice", ["logits", "b1", "b10", "ax"], ["rest"]),
+            helper.make_node("ReduceMax", ["rest"], ["rest_max"], axes=[1], keepdims=1),
+            helper.make_node("Sub", ["zero", "rest_max"], ["margin"]),
+        ]
+    )
+    out = "margin"
+    if sigmoid:
+        m.graph.node.append(helper.make_node("Sigmoid", ["margin"], ["prob"]))
+        out = "prob"
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, ["N", 1]))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
 
 
 def shared_root() -> Path:

@@ -1080,3 +1080,24 @@ def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
     with pytest.raises(OnnxAdmmError, match="simulated"):
         compress(MODEL, cb, "digits", rate=20, fmt="codebook", quiet=True, **FAST)
     assert not cb.exists()
+
+
+def test_binary_classifier_end_to_end(tmp_path, digits):
+    """A one-column Sigmoid classifier ('is it a 0?'): trained on the Sigmoid's input with binary
+    labels, and validated in onnxruntime with accuracy for both models (class 1 above 0.5)."""
+    from conftest import binary_digits_model
+
+    from onnxadmm.validate.evaluate import evaluate_model
+
+    src = binary_digits_model(tmp_path / "bin.onnx", sigmoid=True)
+    train, val = Dataset({"input": digits[0]}, digits[1]).split(0.25, seed=0)
+    zero = lambda ds: Dataset(dict(ds.inputs), (ds.labels == 0).astype(np.int64))  # noqa: E731
+    out = tmp_path / "bin_c.onnx"
+    rep = compress(src, out, zero(train), val_data=zero(val), rate=5, quiet=True, **FAST)
+    acc = rep["accuracy"]
+    assert acc["original"] is not None and acc["compressed"] is not None
+    direct = evaluate_model(out, zero(val), reference=src, providers=())
+    assert acc["compressed"] == pytest.approx(direct["accuracy"])
+    assert acc["original"] == pytest.approx(direct["reference"]["accuracy"])
+    assert rep["agreement"] == pytest.approx(direct["agreement"])
+    assert acc["original"] > 0.95  # the rule decides as the CNN does (a wrong cut-off gives ~0.1)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import binary_digits_model
 from onnx import helper, numpy_helper
 
 from onnxadmm.data import Dataset, input_specs_of, load_data
@@ -249,3 +250,29 @@ def test_file_bytes_counts_external_data(tmp_path, held_out):
     assert d["file_bytes"] == path.stat().st_size + data.stat().st_size
     assert d["file_bytes"] > path.stat().st_size
     assert d["agreement"] == 1.0 and d["max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_one_column_output_is_a_binary_classifier(tmp_path, held_out, sigmoid):
+    """One value per sample: class 1 above 0.5 for a Sigmoid probability, above 0 for a logit."""
+    path = binary_digits_model(tmp_path / f"bin{int(sigmoid)}.onnx", sigmoid)
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(None, dict(held_out.inputs))
+    is_zero = np.argmax(logits, axis=1) == 0
+    labels = np.isin(held_out.labels, [0, 6]).astype(np.int64)  # the 6s: errors the rule must count
+    binary = Dataset(dict(held_out.inputs), labels)
+    d = evaluate_model(path, binary, providers=())
+    expected = float(np.mean(is_zero == labels.astype(bool)))
+    assert d["accuracy"] == pytest.approx(expected)
+    assert 0.7 < expected < 0.95 and labels.mean() < 0.5  # neither perfect nor all one class
+    cut = "0.5" if sigmoid else "0"
+    assert any(f"binary classifier, class 1 where it is above {cut}" in n for n in d["notes"])
+    other = binary_digits_model(tmp_path / "other.onnx", not sigmoid)  # the other form decides the same
+    d = evaluate_model(path, binary, reference=other, providers=())
+    assert d["agreement"] == 1.0 and d["reference"]["accuracy"] == pytest.approx(expected)
+
+
+def test_binary_threshold_rule():
+    assert ev.binary_threshold(np.array([0.2, 0.9]), "Sigmoid") == 0.5
+    assert ev.binary_threshold(np.array([0.2, 0.9]), "Add") == 0.5  # all within [0, 1]: a probability
+    assert ev.binary_threshold(np.array([-3.0, 0.9]), "Add") == 0.0  # a logit

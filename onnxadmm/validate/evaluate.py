@@ -139,8 +139,30 @@ def _pick_output(outputs: dict[str, np.ndarray], label_output: str | None, what:
     return None
 
 
-def _predictions(out: np.ndarray, n: int) -> tuple[np.ndarray | None, str | None]:
-    """Top-1 class per sample from one output, or (None, why not)."""
+def _producers(proto) -> dict[str, str]:
+    """Graph output name -> the op type that computes it (through Identity)."""
+    made = {o: n for n in proto.graph.node for o in n.output}
+    found = {}
+    for out in proto.graph.output:
+        node = made.get(out.name)
+        while node is not None and node.op_type == "Identity" and node.input:
+            node = made.get(node.input[0])
+        found[out.name] = node.op_type if node is not None else ""
+    return found
+
+
+def binary_threshold(values: np.ndarray, producer: str) -> float:
+    """0.5 for probabilities (made by Sigmoid, or all within [0, 1]), 0 for logits."""
+    probability = producer == "Sigmoid" or bool(((values >= 0) & (values <= 1)).all())
+    return 0.5 if probability else 0.0
+
+
+def _predictions(out: np.ndarray, n: int, producer: str = "") -> tuple[np.ndarray | None, str | None]:
+    """Top-1 class per sample from one output, or (None, why not).
+
+    One float value per sample is a binary classifier: class 1 where the output exceeds 0.5 when it
+    is a probability (made by Sigmoid, or every value within [0, 1]), else where it exceeds 0 (a logit).
+    """
     if out.ndim == 0 or out.shape[0] != n:
         return None, f"output shape {list(out.shape)} is not batched over the {n} samples"
     flat = out.reshape(n, -1)
@@ -148,8 +170,13 @@ def _predictions(out: np.ndarray, n: int) -> tuple[np.ndarray | None, str | None
         if flat.shape[1] != 1:
             return None, f"integer output of shape {list(out.shape)} is not one class index per sample"
         return flat[:, 0].astype(np.int64), None
-    if flat.shape[1] < 2:
-        return None, f"output of shape {list(out.shape)} has one value per sample; top-1 is undefined"
+    if flat.shape[1] == 0:
+        return None, f"output of shape {list(out.shape)} is empty"
+    if flat.shape[1] == 1:
+        v = flat[:, 0]
+        if not np.isfinite(v).all():
+            return None, "one value per sample with non-finite values; no binary decision"
+        return (v > binary_threshold(v, producer)).astype(np.int64), None
     return np.argmax(flat, axis=1), None
 
 
@@ -291,15 +318,16 @@ def evaluate_model(
     notes: list[str] = []
 
     model_path = Path(model_path)
-    load_model(model_path, load_external=False)  # one-line errors for missing/corrupt/unsafe files
+    producers = _producers(load_model(model_path, load_external=False))  # one-line errors for bad files
     sess = ortrun.session(model_path, threads=threads)
     specs = ortrun.input_specs(sess)
     fixed = ortrun.fixed_batch_of(specs)
 
     ref_path = ref_sess = ref_specs = ref_fixed = None
+    ref_producers: dict[str, str] = {}
     if reference is not None:
         ref_path = Path(reference)
-        load_model(ref_path, load_external=False)
+        ref_producers = _producers(load_model(ref_path, load_external=False))
         ref_sess = ortrun.session(ref_path, threads=threads)
         ref_specs = ortrun.input_specs(ref_sess)
         ref_fixed = ortrun.fixed_batch_of(ref_specs)
@@ -359,8 +387,13 @@ def evaluate_model(
         out = _run_all(sess, inputs, fixed, "the model")
         key = _pick_output(out, label_output, "the model")
         pred, why = (
-            _predictions(out[key], n) if key is not None else (None, "the model has no numeric output")
+            _predictions(out[key], n, producers.get(key, ""))
+            if key is not None
+            else (None, "the model has no numeric output")
         )
+        if pred is not None and _is_float(out[key]) and out[key].reshape(n, -1).shape[1] == 1:
+            cut = binary_threshold(out[key].reshape(-1), producers.get(key, ""))
+            notes.append(f"one value per sample in {key!r}: binary classifier, class 1 where it is above {cut:g}")
         if why:
             notes.append(f"no top-1 predictions from the model's output {key!r}: {why}")
         if dataset is not None and labels is not None:
@@ -372,7 +405,7 @@ def evaluate_model(
             ref_key = dict(pairs).get(key) if key is not None else None
             ref_pred = None
             if ref_key is not None:
-                ref_pred, why = _predictions(ref_out[ref_key], n)
+                ref_pred, why = _predictions(ref_out[ref_key], n, ref_producers.get(ref_key, ""))
                 if why:
                     notes.append(f"no top-1 predictions from the reference's output {ref_key!r}: {why}")
             if pred is not None and ref_pred is not None:
