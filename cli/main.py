@@ -224,6 +224,12 @@ def _defaults():
     type=float,
     help=f"Masked retraining learning rate (cosine decay to 0 per step). [default: {_defaults().retrain_lr}]",
 )
+@click.option(
+    "--final-retrain-lr",
+    type=float,
+    help="Retraining learning rate of the last step (a restart at a higher rate helps at high rates). "
+    "[default: as --retrain-lr]",
+)
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(
     "--distill", type=float, help="Weight of distillation from the original when labels exist. [default: 1 for classifiers, else 0]"

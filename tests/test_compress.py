@@ -669,7 +669,7 @@ def cli_run(work, fast_toml):
     """compress through the CLI with --seed 1 and the report as JSON."""
     out = work / "cli.onnx"
     args = ["compress", MODEL, out, "--data", "digits", "--rate", "20x", "--seed", "1", "--config", fast_toml]
-    args += ["--final-retrain-epochs", "2"]
+    args += ["--final-retrain-epochs", "2", "--final-retrain-lr", "0.004"]
     r = invoke(*args, *CLI_FAST, "--json")
     return {"result": r, "out": out, "args": args}
 
@@ -682,7 +682,7 @@ def test_cli_compress(cli_run, baseline):
     check_output_matches_report(out, rep)
     assert rep["config"]["seed"] == 1 and rep["config"]["min_batches"] == 1
     assert rep["config"]["max_batches_per_epoch"] == 2 and rep["config"]["admm_iterations"] == 2
-    assert rep["config"]["final_retrain_epochs"] == 2
+    assert rep["config"]["final_retrain_epochs"] == 2 and rep["config"]["final_retrain_lr"] == 0.004
     retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]
     assert retrain == [0, 1, 1]  # one epoch in the first of the two steps, two in the last
     report = out.with_name("cli.report.json")
@@ -1058,6 +1058,32 @@ def test_final_step_retraining_epochs():
     assert CompressConfig(retrain_epochs=2).validate().retrain_epochs_of(0, 1) == 2  # None: as the others
     with pytest.raises(ConfigError, match="final_retrain_epochs"):
         CompressConfig(final_retrain_epochs=-1).validate()
+
+
+def test_final_step_retraining_lr(monkeypatch, tmp_path):
+    """final_retrain_lr sets the last step's retraining lr (its cosine starts there); the other
+    steps and the ADMM W-steps keep theirs."""
+    cfg = CompressConfig(retrain_lr=1e-3, final_retrain_lr=2e-2).validate()
+    assert cfg.retrain_lr_of(2, 3) == 2e-2 and cfg.retrain_lr_of(1, 3) == 1e-3
+    assert CompressConfig(retrain_lr=5e-4).validate().retrain_lr_of(0, 1) == 5e-4  # None: as the others
+    with pytest.raises(ConfigError, match="final_retrain_lr"):
+        CompressConfig(final_retrain_lr=0).validate()
+    seen = []  # (kind, step, lr at each retraining/ADMM optimizer step)
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    fast = dict(FAST, max_batches_per_epoch=4)
+    rep = compress(MODEL, tmp_path / "lr.onnx", "digits", rate=40, quiet=True, final_retrain_lr=2e-2, **fast)
+    kinds = [(h["kind"], h["step"]) for h in rep["history"]]
+    assert kinds == [("admm", 0)] * 2 + [("retrain", 0)] + [("admm", 1)] * 2 + [("retrain", 1)]
+    per_unit = [seen[i * 4 : i * 4 + 4] for i in range(len(kinds))]
+    assert per_unit[2][0] == pytest.approx(1e-3) and per_unit[5][0] == pytest.approx(2e-2)
+    assert all(lr == pytest.approx(1e-3) for u in (0, 1, 3, 4) for lr in per_unit[u])  # W-steps
+    assert per_unit[5][-1] < per_unit[5][0]  # cosine decay from the restart
 
 
 def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):

@@ -303,13 +303,14 @@ class Engine:
         self.m.train()
         n_units = max(1, math.ceil(retrain))
         cosine = not admm and self.cfg.retrain_schedule == "cosine"
+        base_lr = self.cfg.retrain_lr_of(unit.step, len(self.keep))
         for done, (xs, y, t, total) in enumerate(self.batches(epochs)):
             if bar is None:
                 bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
             if cosine:  # lr from the position in this step's retraining (stateless: resume-safe)
                 progress = (unit.index + done / total) / n_units
                 for g in optimizer.param_groups:
-                    g["lr"] = self.cfg.retrain_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+                    g["lr"] = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
             optimizer.zero_grad(set_to_none=True)
             shadows = self.swap_in_quantized() if self.state.grids else {}
             try:  # straight-through: the gradient at the quantized weights updates the shadows

@@ -58,6 +58,7 @@ class CompressConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
+    final_retrain_lr: float | None = None  # retraining lr of the last step (None: retrain_lr)
     retrain_schedule: str = "cosine"  # cosine (decay to 0 over each step's retraining) | constant
     momentum: float = 0.9  # sgd only
     batch_size: int = 128
@@ -100,6 +101,8 @@ class CompressConfig:
         for name in ("step_factor", "rho", "rho_multiplier", "rho_max", "lr", "retrain_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.final_retrain_lr is not None and not self.final_retrain_lr > 0:
+            raise ConfigError(f"final_retrain_lr must be positive, got {self.final_retrain_lr!r}")
         if self.step_factor <= 1:
             raise ConfigError("step_factor must be above 1")
         for name in ("admm_iterations", "batch_size"):
@@ -122,6 +125,12 @@ class CompressConfig:
         if step == n_steps - 1 and self.final_retrain_epochs is not None:
             return self.final_retrain_epochs
         return self.retrain_epochs
+
+    def retrain_lr_of(self, step: int, n_steps: int) -> float:
+        """Masked retraining learning rate of progressive step ``step`` (0-based) of ``n_steps``."""
+        if step == n_steps - 1 and self.final_retrain_lr is not None:
+            return self.final_retrain_lr
+        return self.retrain_lr
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -245,7 +245,7 @@ def compress(
             if unit.kind == "retrain" and first_of_phase:
                 engine.hard_prune(unit.step)
             if optimizer is None or first_of_phase:
-                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr
+                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr_of(unit.step, len(rates))
                 optimizer = engine.make_optimizer(lr)
                 if engine.state.optimizer is not None and not first_of_phase:
                     optimizer.load_state_dict(engine.state.optimizer)
