@@ -221,7 +221,7 @@ def dense_model(data, quick: bool, log) -> tuple[Path, dict]:
 # ---- step 2: ADMM --------------------------------------------------------------------------
 
 
-def admm_epochs(cfg: dict, n_steps: int, n_train: int) -> float:
+def admm_epochs(cfg: dict, n_steps: int, n_train: int, rate: float | None = None) -> float:
     """Training epochs the compress schedule runs (min_batches and the batch cap included)."""
     per_epoch = math.ceil(n_train / cfg["batch_size"])
     if cfg.get("max_batches_per_epoch"):
@@ -235,8 +235,10 @@ def admm_epochs(cfg: dict, n_steps: int, n_train: int) -> float:
         retrain = [min(1.0, retrain_epochs - k) for k in range(max(1, math.ceil(retrain_epochs)))]
         return cfg["admm_iterations"] * n_batches(cfg["epochs_per_iteration"]) + sum(n_batches(e) for e in retrain)
 
-    final = cfg.get("final_retrain_epochs")
-    final = cfg["retrain_epochs"] if final is None else final
+    from onnxadmm.compress.config import CompressConfig
+
+    known = {k: v for k, v in cfg.items() if k in CompressConfig.__dataclass_fields__}
+    final = CompressConfig(**dict(known, rate=rate or known.get("rate"))).validate().final_epochs()
     total = (n_steps - 1) * step_batches(cfg["retrain_epochs"]) + step_batches(final)
     return total / per_epoch
 
@@ -529,7 +531,7 @@ def main(argv=None) -> int:
             from onnxadmm.compress.pruning import progressive_rates
 
             n_steps = len(progressive_rates(rate, cfg["step_factor"])) if cfg["progressive"] else 1
-            epochs = admm_epochs(cfg, n_steps, len(data[0]))
+            epochs = admm_epochs(cfg, n_steps, len(data[0]), rate)
             if not args.no_admm:
                 rows.append(run_admm(model, rate, data, run_overrides, workdir, not args.verbose, log))
             if not args.no_baseline:

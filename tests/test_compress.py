@@ -201,7 +201,9 @@ def test_report_contents(baseline):
     assert on_disk == json.loads(json.dumps({k: v for k, v in rep.items() if k != "report_path"}))
     assert rep["target_rate"] == 20.0
     # the report holds the settings used: the automatic distillation weight resolved (labels, classifier)
-    assert rep["config"] == CompressConfig(rate=20, seed=0, distill=1.0, **FAST).validate().to_dict()
+    # and the final step's retraining (20x: no restart, as the other steps)
+    resolved = {"distill": 1.0, "final_retrain_lr": 1e-3, "final_retrain_epochs": FAST["retrain_epochs"]}
+    assert rep["config"] == CompressConfig(rate=20, seed=0, **resolved, **FAST).validate().to_dict()
     acc = rep["accuracy"]
     assert set(acc) == {"original", "compressed"}
     assert 0 <= acc["compressed"] <= 1 and acc["original"] > 0.9
@@ -1054,7 +1056,7 @@ def test_final_step_retraining_epochs():
     units = plan(cfg, 3)
     per_step = [sum(u.kind == "retrain" and u.step == s for u in units) for s in range(3)]
     assert per_step == [1, 1, 3]
-    assert cfg.retrain_epochs_of(2, 3) == 3 and cfg.retrain_epochs_of(1, 3) == 1
+    assert cfg.retrain_epochs_of(2, 2) == 3 and cfg.retrain_epochs_of(1, 2) == 1
     assert CompressConfig(retrain_epochs=2).validate().retrain_epochs_of(0, 1) == 2  # None: as the others
     with pytest.raises(ConfigError, match="final_retrain_epochs"):
         CompressConfig(final_retrain_epochs=-1).validate()
@@ -1064,7 +1066,7 @@ def test_final_step_retraining_lr(monkeypatch, tmp_path):
     """final_retrain_lr sets the last step's retraining lr (its cosine starts there); the other
     steps and the ADMM W-steps keep theirs."""
     cfg = CompressConfig(retrain_lr=1e-3, final_retrain_lr=2e-2).validate()
-    assert cfg.retrain_lr_of(2, 3) == 2e-2 and cfg.retrain_lr_of(1, 3) == 1e-3
+    assert cfg.retrain_lr_of(2, 2) == 2e-2 and cfg.retrain_lr_of(1, 2) == 1e-3
     assert CompressConfig(retrain_lr=5e-4).validate().retrain_lr_of(0, 1) == 5e-4  # None: as the others
     with pytest.raises(ConfigError, match="final_retrain_lr"):
         CompressConfig(final_retrain_lr=0).validate()
@@ -1077,7 +1079,9 @@ def test_final_step_retraining_lr(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     fast = dict(FAST, max_batches_per_epoch=4)
-    rep = compress(MODEL, tmp_path / "lr.onnx", "digits", rate=40, quiet=True, final_retrain_lr=2e-2, **fast)
+    rep = compress(
+        MODEL, tmp_path / "lr.onnx", "digits", rate=40, quiet=True, final_retrain_lr=2e-2, **fast
+    )
     kinds = [(h["kind"], h["step"]) for h in rep["history"]]
     assert kinds == [("admm", 0)] * 2 + [("retrain", 0)] + [("admm", 1)] * 2 + [("retrain", 1)]
     per_unit = [seen[i * 4 : i * 4 + 4] for i in range(len(kinds))]
@@ -1127,3 +1131,34 @@ def test_binary_classifier_end_to_end(tmp_path, digits):
     assert acc["original"] == pytest.approx(direct["reference"]["accuracy"])
     assert rep["agreement"] == pytest.approx(direct["agreement"])
     assert acc["original"] > 0.95  # the rule decides as the CNN does (a wrong cut-off gives ~0.1)
+
+
+def test_high_rate_restart_rule():
+    """Auto (None): from restart_rate up, the final step retrains at 10x the lr for 2x the epochs;
+    explicit values win; nothing pruned, no restart."""
+    low = CompressConfig(rate=50, retrain_lr=1e-3, retrain_epochs=4).validate()
+    assert (low.final_lr(), low.final_epochs()) == (1e-3, 4)
+    high = CompressConfig(rate=100, retrain_lr=1e-3, retrain_epochs=4).validate()
+    assert high.final_lr() == pytest.approx(1e-2) and high.final_epochs() == 8
+    assert (high.final_lr(prunes=False), high.final_epochs(prunes=False)) == (1e-3, 4)
+    assert high.retrain_lr_of(0, 2) == 1e-3 and high.retrain_epochs_of(0, 2) == 4
+    mine = CompressConfig(rate=300, final_retrain_lr=3e-3, final_retrain_epochs=5).validate()
+    assert (mine.final_lr(), mine.final_epochs()) == (3e-3, 5)
+    assert not CompressConfig(rate=300, restart_rate=500).validate().restarts()
+    with pytest.raises(ConfigError, match="restart_rate"):
+        CompressConfig(restart_rate=0.5).validate()
+
+
+def test_high_rate_restart_in_the_last_pruning_step(tmp_path):
+    """--rate 100x --bits 4: the restart belongs to the step that reaches 100x, not to the
+    quantization step after it; the report shows the resolved values."""
+    from onnxadmm.compress.admm import final_step_of
+
+    assert final_step_of([None, None, {"w": 1}]) == 1 and final_step_of([{"w": 1}]) == 0
+    assert final_step_of([None, None]) == 1
+    rep = compress(MODEL, tmp_path / "r.onnx", "digits", rate=100, bits=4, quiet=True, **FAST)
+    assert rep["config"]["final_retrain_lr"] == pytest.approx(10 * rep["config"]["retrain_lr"])
+    assert rep["config"]["final_retrain_epochs"] == 2
+    retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]
+    n_prune = len(rep["steps"]) - 1
+    assert retrain == list(range(n_prune - 1)) + [n_prune - 1] * 2 + [n_prune]

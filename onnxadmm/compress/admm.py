@@ -24,11 +24,18 @@ class Unit:
     index: int
 
 
-def plan(cfg: CompressConfig, n_steps: int) -> list[Unit]:
+def final_step_of(quant: list) -> int:
+    """Index of the final step: the last pruning step (``quant[s] is None``), else the last step."""
+    pruning = [s for s, q in enumerate(quant) if q is None]
+    return pruning[-1] if pruning else len(quant) - 1
+
+
+def plan(cfg: CompressConfig, n_steps: int, final_step: int | None = None) -> list[Unit]:
+    final = n_steps - 1 if final_step is None else final_step
     units = []
     for s in range(n_steps):
         units += [Unit("admm", s, k) for k in range(cfg.admm_iterations)]
-        units += [Unit("retrain", s, e) for e in range(max(1, math.ceil(cfg.retrain_epochs_of(s, n_steps))))]
+        units += [Unit("retrain", s, e) for e in range(max(1, math.ceil(cfg.retrain_epochs_of(s, final))))]
     return units
 
 
@@ -86,6 +93,7 @@ class Engine:
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
         # quant[s]: per-layer value sets of step s (None: a pruning step)
         self.quant = list(quant) if quant is not None else [None] * len(keep)
+        self.final_step = final_step_of(self.quant)
         self.device = torch.device(cfg.device)
         self.names = list(keep[0])
         self.params = {n: module.parameter_for(n) for n in self.names}
@@ -296,14 +304,14 @@ class Engine:
         from tqdm import tqdm
 
         admm = unit.kind == "admm"
-        retrain = self.cfg.retrain_epochs_of(unit.step, len(self.keep))
+        retrain = self.cfg.retrain_epochs_of(unit.step, self.final_step)
         epochs = self.cfg.epochs_per_iteration if admm else min(1.0, retrain - unit.index)
         bar = None
         run_loss, seen = 0.0, 0
         self.m.train()
         n_units = max(1, math.ceil(retrain))
         cosine = not admm and self.cfg.retrain_schedule == "cosine"
-        base_lr = self.cfg.retrain_lr_of(unit.step, len(self.keep))
+        base_lr = self.cfg.retrain_lr_of(unit.step, self.final_step)
         for done, (xs, y, t, total) in enumerate(self.batches(epochs)):
             if bar is None:
                 bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)

@@ -51,14 +51,19 @@ class CompressConfig:
     admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
     epochs_per_iteration: float = 1.0
     retrain_epochs: float = 4.0  # masked retraining epochs per step
-    final_retrain_epochs: float | None = None  # masked retraining of the last step (None: retrain_epochs)
+    final_retrain_epochs: float | None = None  # retraining epochs of the final step (None: auto, below)
     rho: float = 1e-3  # initial ADMM penalty
     rho_multiplier: float = 3.0  # rho grows by this per ADMM iteration (multi-rho): 1e-3 .. 0.24 in 6
     rho_max: float = 1.0
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
-    final_retrain_lr: float | None = None  # retraining lr of the last step (None: retrain_lr)
+    final_retrain_lr: float | None = None  # retraining lr of the final step (None: auto, below)
+    # The final step is the one that reaches the final pruning rate (the quantization step when
+    # nothing is pruned). Auto: from restart_rate up, its retraining restarts at 10x retrain_lr for
+    # 2x retrain_epochs (learning-rate rewinding: a very sparse network must move its few weights far;
+    # LeNet-5 at 100x: 99.10% against 98.97%, at 20x it would cost 0.2 points); below, as other steps.
+    restart_rate: float = 100.0
     retrain_schedule: str = "cosine"  # cosine (decay to 0 over each step's retraining) | constant
     momentum: float = 0.9  # sgd only
     batch_size: int = 128
@@ -101,6 +106,8 @@ class CompressConfig:
         for name in ("step_factor", "rho", "rho_multiplier", "rho_max", "lr", "retrain_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.restart_rate >= 1:
+            raise ConfigError(f"restart_rate {self.restart_rate!r}: expected a rate of at least 1")
         if self.final_retrain_lr is not None and not self.final_retrain_lr > 0:
             raise ConfigError(f"final_retrain_lr must be positive, got {self.final_retrain_lr!r}")
         if self.step_factor <= 1:
@@ -120,17 +127,27 @@ class CompressConfig:
             raise ConfigError("val_fraction must be between 0 and 1")
         return self
 
-    def retrain_epochs_of(self, step: int, n_steps: int) -> float:
-        """Masked retraining epochs of progressive step ``step`` (0-based) of ``n_steps``."""
-        if step == n_steps - 1 and self.final_retrain_epochs is not None:
-            return self.final_retrain_epochs
-        return self.retrain_epochs
+    def restarts(self, prunes: bool = True) -> bool:
+        """Whether the final step's retraining restarts at a higher lr by default."""
+        return prunes and self.rate is not None and self.rate >= self.restart_rate
 
-    def retrain_lr_of(self, step: int, n_steps: int) -> float:
-        """Masked retraining learning rate of progressive step ``step`` (0-based) of ``n_steps``."""
-        if step == n_steps - 1 and self.final_retrain_lr is not None:
+    def final_epochs(self, prunes: bool = True) -> float:
+        if self.final_retrain_epochs is not None:
+            return self.final_retrain_epochs
+        return 2 * self.retrain_epochs if self.restarts(prunes) else self.retrain_epochs
+
+    def final_lr(self, prunes: bool = True) -> float:
+        if self.final_retrain_lr is not None:
             return self.final_retrain_lr
-        return self.retrain_lr
+        return 10 * self.retrain_lr if self.restarts(prunes) else self.retrain_lr
+
+    def retrain_epochs_of(self, step: int, final_step: int) -> float:
+        """Masked retraining epochs of step ``step`` (0-based); ``final_step``: the final step's index."""
+        return self.final_epochs() if step == final_step else self.retrain_epochs
+
+    def retrain_lr_of(self, step: int, final_step: int) -> float:
+        """Masked retraining learning rate of step ``step``; ``final_step``: the final step's index."""
+        return self.final_lr() if step == final_step else self.retrain_lr
 
     def to_dict(self) -> dict:
         return asdict(self)

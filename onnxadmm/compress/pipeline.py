@@ -21,7 +21,7 @@ from ..importer import analysis
 from ..importer.graph import OnnxGraphModule
 from ..modelio import load_model, save_model
 from ..validate.evaluate import evaluate_model, file_bytes
-from .admm import Engine, plan
+from .admm import Engine, final_step_of, plan
 from .config import CompressConfig
 from .objective import training_heads
 from .pruning import allocate, matches, progressive_rates
@@ -206,7 +206,10 @@ def compress(
         rates.append(cfg.rate)
         quant.append(specs_q)
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
-    units = plan(cfg, len(rates))
+    final_step = final_step_of(quant)
+    # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
+    cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
+    units = plan(cfg, len(rates), final_step)
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
         for n in sizes:
@@ -245,7 +248,7 @@ def compress(
             if unit.kind == "retrain" and first_of_phase:
                 engine.hard_prune(unit.step)
             if optimizer is None or first_of_phase:
-                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr_of(unit.step, len(rates))
+                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr_of(unit.step, final_step)
                 optimizer = engine.make_optimizer(lr)
                 if engine.state.optimizer is not None and not first_of_phase:
                     optimizer.load_state_dict(engine.state.optimizer)
