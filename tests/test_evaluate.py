@@ -266,7 +266,7 @@ def test_one_column_output_is_a_binary_classifier(tmp_path, held_out, sigmoid):
     assert d["accuracy"] == pytest.approx(expected)
     assert 0.7 < expected < 0.95 and labels.mean() < 0.5  # neither perfect nor all one class
     cut = "0.5" if sigmoid else "0"
-    assert any(f"binary classifier, class 1 where it is above {cut}" in n for n in d["notes"])
+    assert any(f"a binary classifier, class 1 above {cut}" in n for n in d["notes"])
     other = binary_digits_model(tmp_path / "other.onnx", not sigmoid)  # the other form decides the same
     d = evaluate_model(path, binary, reference=other, providers=())
     assert d["agreement"] == 1.0 and d["reference"]["accuracy"] == pytest.approx(expected)
@@ -276,3 +276,12 @@ def test_binary_threshold_rule():
     assert ev.binary_threshold(np.array([0.2, 0.9]), "Sigmoid") == 0.5
     assert ev.binary_threshold(np.array([0.2, 0.9]), "Add") == 0.5  # all within [0, 1]: a probability
     assert ev.binary_threshold(np.array([-3.0, 0.9]), "Add") == 0.0  # a logit
+
+
+def test_one_column_regression_gets_no_classes(tmp_path, held_out):
+    """Labels other than 0/1 on a one-column output: a regression target, no accuracy."""
+    path = binary_digits_model(tmp_path / "reg.onnx", sigmoid=False)
+    targets = Dataset(dict(held_out.inputs), held_out.labels.astype(np.float32) * 0.37)
+    d = evaluate_model(path, targets, reference=path, providers=())
+    assert d["accuracy"] is None and d["agreement"] is None and d["max_abs_diff"] == 0.0
+    assert any("regression output" in n for n in d["notes"])

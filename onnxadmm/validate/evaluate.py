@@ -157,7 +157,9 @@ def binary_threshold(values: np.ndarray, producer: str) -> float:
     return 0.5 if probability else 0.0
 
 
-def _predictions(out: np.ndarray, n: int, producer: str = "") -> tuple[np.ndarray | None, str | None]:
+def _predictions(
+    out: np.ndarray, n: int, producer: str = "", binary: bool = True
+) -> tuple[np.ndarray | None, str | None]:
     """Top-1 class per sample from one output, or (None, why not).
 
     One float value per sample is a binary classifier: class 1 where the output exceeds 0.5 when it
@@ -173,6 +175,8 @@ def _predictions(out: np.ndarray, n: int, producer: str = "") -> tuple[np.ndarra
     if flat.shape[1] == 0:
         return None, f"output of shape {list(out.shape)} is empty"
     if flat.shape[1] == 1:
+        if not binary:
+            return None, "one value per sample and labels other than 0/1: a regression output, no classes"
         v = flat[:, 0]
         if not np.isfinite(v).all():
             return None, "one value per sample with non-finite values; no binary decision"
@@ -386,14 +390,15 @@ def evaluate_model(
         n = len(next(iter(inputs.values())))
         out = _run_all(sess, inputs, fixed, "the model")
         key = _pick_output(out, label_output, "the model")
+        binary = labels is None or bool(np.isin(np.asarray(labels), (0, 1)).all())
         pred, why = (
-            _predictions(out[key], n, producers.get(key, ""))
+            _predictions(out[key], n, producers.get(key, ""), binary)
             if key is not None
             else (None, "the model has no numeric output")
         )
         if pred is not None and _is_float(out[key]) and out[key].reshape(n, -1).shape[1] == 1:
             cut = binary_threshold(out[key].reshape(-1), producers.get(key, ""))
-            notes.append(f"one value per sample in {key!r}: binary classifier, class 1 where it is above {cut:g}")
+            notes.append(f"one value per sample in {key!r}: a binary classifier, class 1 above {cut:g}")
         if why:
             notes.append(f"no top-1 predictions from the model's output {key!r}: {why}")
         if dataset is not None and labels is not None:
@@ -405,7 +410,7 @@ def evaluate_model(
             ref_key = dict(pairs).get(key) if key is not None else None
             ref_pred = None
             if ref_key is not None:
-                ref_pred, why = _predictions(ref_out[ref_key], n, ref_producers.get(ref_key, ""))
+                ref_pred, why = _predictions(ref_out[ref_key], n, ref_producers.get(ref_key, ""), binary)
                 if why:
                     notes.append(f"no top-1 predictions from the reference's output {ref_key!r}: {why}")
             if pred is not None and ref_pred is not None:
