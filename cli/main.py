@@ -209,8 +209,8 @@ def _defaults():
 @click.option(
     "--final-retrain-epochs",
     type=float,
-    help="Retraining epochs of the final step (the one reaching --rate). "
-    "[default: 2x --retrain-epochs from 100x up, else as --retrain-epochs]",
+    help="Retraining epochs of the final step (the pruning step that reaches --rate; the quantization "
+    "step when nothing is pruned). [default: 2x --retrain-epochs from 100x up, else as --retrain-epochs]",
 )
 @click.option("--rho", type=float, help=f"Initial ADMM penalty rho. [default: {_defaults().rho}]")
 @click.option(
@@ -229,7 +229,8 @@ def _defaults():
     "--final-retrain-lr",
     type=float,
     help="Retraining learning rate of the final step (a restart: very sparse networks must move their "
-    "few weights far). [default: 10x --retrain-lr from 100x up (restart_rate), else as --retrain-lr]",
+    "few weights far). [default: 10x --retrain-lr from 100x up (restart_rate, set in a --config file), "
+    "else as --retrain-lr]",
 )
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(

@@ -30,7 +30,7 @@ from onnxadmm.compress.objective import training_heads
 from onnxadmm.compress.pipeline import compress
 from onnxadmm.compress.pruning import allocate
 from onnxadmm.data import Dataset, input_specs_of, load_data
-from onnxadmm.errors import ConfigError
+from onnxadmm.errors import ConfigError, DataError
 from onnxadmm.importer.graph import OnnxGraphModule
 from onnxadmm.modelio import load_model
 
@@ -485,8 +485,14 @@ def test_resume_errors(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compress(MODEL, out, "digits", seed=0, quiet=True, **FAST)
     monkeypatch.setattr(Engine, "train_epoch", real)
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
         compress(MODEL, out, "digits", seed=1, resume=True, quiet=True, **FAST)
+    ckpt = out.with_name(out.name + ".ckpt")
+    blob = torch.load(ckpt, weights_only=False)
+    del blob["meta"]["config"]["restart_rate"]  # as written by an older version
+    torch.save(blob, ckpt)
+    with pytest.raises(ConfigError, match="another onnxadmm version"):
+        compress(MODEL, out, "digits", seed=0, resume=True, quiet=True, **FAST)
     other = tmp_path / "other.onnx"
     m = onnx.load(str(MODEL))
     m.doc_string = "a different file"
@@ -1112,14 +1118,15 @@ def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
     assert not cb.exists()
 
 
-def test_binary_classifier_end_to_end(tmp_path, digits):
-    """A one-column Sigmoid classifier ('is it a 0?'): trained on the Sigmoid's input with binary
-    labels, and validated in onnxruntime with accuracy for both models (class 1 above 0.5)."""
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_binary_classifier_end_to_end(tmp_path, digits, sigmoid):
+    """A one-column classifier ('is it a 0?'), ending in Sigmoid or in its logit: trained on the
+    logit with binary labels, and validated in onnxruntime with accuracy for both models."""
     from conftest import binary_digits_model
 
     from onnxadmm.validate.evaluate import evaluate_model
 
-    src = binary_digits_model(tmp_path / "bin.onnx", sigmoid=True)
+    src = binary_digits_model(tmp_path / "bin.onnx", sigmoid=sigmoid)
     train, val = Dataset({"input": digits[0]}, digits[1]).split(0.25, seed=0)
     zero = lambda ds: Dataset(dict(ds.inputs), (ds.labels == 0).astype(np.int64))  # noqa: E731
     out = tmp_path / "bin_c.onnx"
@@ -1131,6 +1138,25 @@ def test_binary_classifier_end_to_end(tmp_path, digits):
     assert acc["original"] == pytest.approx(direct["reference"]["accuracy"])
     assert rep["agreement"] == pytest.approx(direct["agreement"])
     assert acc["original"] > 0.95  # the rule decides as the CNN does (a wrong cut-off gives ~0.1)
+    torch_acc = [h["val_accuracy"] for h in rep["history"] if h.get("val_accuracy") is not None]
+    assert torch_acc and max(torch_acc) > 0.9  # torch-side validation sees the binary classes too
+
+
+def test_one_column_regression_with_targets(tmp_path, digits):
+    """A one-column output with labels other than 0/1 is a regression output: MSE on the targets
+    (the loss is not zero), no accuracy; targets of the wrong size are a clear error."""
+    from conftest import binary_digits_model
+
+    src = binary_digits_model(tmp_path / "reg.onnx", sigmoid=False)
+    x = digits[0]
+    targets = digits[1].astype(np.float32)[:, None] * 0.5 + 3.0  # far from the margin it outputs
+    rep = compress(src, tmp_path / "reg_c.onnx", {"input": x, "y": targets}, rate=5, quiet=True, **FAST)
+    assert rep["accuracy"] == {"original": None, "compressed": None} and rep["agreement"] is None
+    losses = [h["loss"] for h in rep["history"]]
+    assert all(np.isfinite(losses)) and min(losses) > 0.01
+    with pytest.raises(DataError, match="regression output"):
+        compress(src, tmp_path / "bad.onnx", {"input": x, "y": np.c_[targets, targets]}, rate=5, quiet=True, **FAST)
+
 
 
 def test_high_rate_restart_rule():
@@ -1149,14 +1175,19 @@ def test_high_rate_restart_rule():
         CompressConfig(restart_rate=0.5).validate()
 
 
-def test_high_rate_restart_in_the_last_pruning_step(tmp_path):
+def test_high_rate_restart_in_the_last_pruning_step(tmp_path, monkeypatch):
     """--rate 100x --bits 4: the restart belongs to the step that reaches 100x, not to the
     quantization step after it; the report shows the resolved values."""
     from onnxadmm.compress.admm import final_step_of
 
     assert final_step_of([None, None, {"w": 1}]) == 1 and final_step_of([{"w": 1}]) == 0
     assert final_step_of([None, None]) == 1
+    starts = []  # the lr each retraining phase's optimizer is made with
+    real = Engine.make_optimizer
+    monkeypatch.setattr(Engine, "make_optimizer", lambda self, lr: starts.append(lr) or real(self, lr))
     rep = compress(MODEL, tmp_path / "r.onnx", "digits", rate=100, bits=4, quiet=True, **FAST)
+    retrain_lr = [lr for lr in starts if lr != rep["config"]["lr"]]
+    assert retrain_lr == [pytest.approx(1e-2)]  # the 100x step only; the others start at lr = 1e-3
     assert rep["config"]["final_retrain_lr"] == pytest.approx(10 * rep["config"]["retrain_lr"])
     assert rep["config"]["final_retrain_epochs"] == 2
     retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]

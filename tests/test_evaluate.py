@@ -285,3 +285,25 @@ def test_one_column_regression_gets_no_classes(tmp_path, held_out):
     d = evaluate_model(path, targets, reference=path, providers=())
     assert d["accuracy"] is None and d["agreement"] is None and d["max_abs_diff"] == 0.0
     assert any("regression output" in n for n in d["notes"])
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_one_column_without_labels(tmp_path, held_out, sigmoid):
+    """Without labels a one-column output is a binary classifier only when a Sigmoid makes it (seen
+    through a Reshape); a bare one-column output is compared as a regression output."""
+    path = binary_digits_model(tmp_path / "b.onnx", sigmoid)
+    m = onnx.load(path)
+    out = m.graph.output[0].name
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "shape2"))
+    m.graph.node.append(helper.make_node("Reshape", [out, "shape2"], ["reshaped"]))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("reshaped", onnx.TensorProto.FLOAT, ["N", 1]))
+    onnx.save(m, str(path))
+    d = evaluate_model(path, Dataset(dict(held_out.inputs)), reference=path, providers=())
+    assert d["max_abs_diff"] == 0.0
+    if sigmoid:
+        assert d["agreement"] == 1.0
+        assert any("a binary classifier, class 1 above 0.5" in n for n in d["notes"])
+    else:
+        assert d["agreement"] is None
+        assert any("regression output" in n for n in d["notes"])

@@ -93,6 +93,22 @@ def training_heads(model: onnx.ModelProto) -> list[Head]:
     return heads
 
 
+def refine_heads(heads: list[Head], outs: list[torch.Tensor], labels) -> list[Head]:
+    """Settle rank-2 ``logits`` heads with a single column (no Softmax or Sigmoid makes them) from the
+    original's outputs ``outs`` on a sample: with 0/1 labels the first is a binary classifier's logit
+    (trained like a one-column Sigmoid head: binary cross-entropy, class 1 where it is above 0);
+    otherwise they are regression outputs (MSE on the labels or the original's outputs)."""
+    import numpy as np
+
+    binary = labels is not None and bool(np.isin(np.asarray(labels), (0, 1)).all())
+    refined = []
+    for i, (h, o) in enumerate(zip(heads, outs)):
+        if h.kind == "logits" and o.dim() == 2 and o.shape[1] == 1:
+            h = Head(h.name, "sigmoid" if binary and i == 0 else "regression", 1)
+        refined.append(h)
+    return refined
+
+
 def _binary(head: Head, out: torch.Tensor) -> bool:
     """A one-column Sigmoid head: a binary classifier whose score is a single logit."""
     return head.kind == "sigmoid" and head.classes(out).shape[-1] == 1
@@ -120,10 +136,12 @@ def label_indices(labels: torch.Tensor) -> torch.Tensor:
 def loss_fn(
     heads: list[Head], outs, labels, teacher, distill: float, temperature: float, pseudo: float = 0.0
 ) -> torch.Tensor:
-    """Cross-entropy on the first classifier head (with labels), plus ``distill`` x distillation
-    (all heads; used alone when there are no labels)."""
+    """With labels, cross-entropy on the first head (MSE when it is a regression output), plus
+    ``distill`` x distillation (all heads; used alone when there are no labels)."""
     total = outs[0].new_zeros(())
-    if labels is not None and heads[0].kind != "regression":
+    if labels is not None and heads[0].kind == "regression":
+        total = total + F.mse_loss(outs[0], labels.reshape(outs[0].shape).to(outs[0].dtype))
+    elif labels is not None:
         target = labels.reshape(-1) if _binary(heads[0], outs[0]) else label_indices(labels)
         total = total + _hard_loss(heads[0], outs[0], target)
     if teacher is not None and (labels is None or distill > 0):

@@ -23,7 +23,7 @@ from ..modelio import load_model, save_model
 from ..validate.evaluate import evaluate_model, file_bytes
 from .admm import Engine, final_step_of, plan
 from .config import CompressConfig
-from .objective import training_heads
+from .objective import refine_heads, training_heads
 from .pruning import allocate, matches, progressive_rates
 
 FORMATS = ("auto", "dense", "sparse", "codebook", "int8")
@@ -168,6 +168,15 @@ def compress(
 
     device = torch.device(cfg.device)
     module.to(device)
+    sample = _original_outputs(module, train, slice(0, 2), device)
+    heads = refine_heads(heads, sample, train.labels)
+    if train.labels is not None and heads[0].kind == "regression":
+        per_label, per_out = train.labels[:1].size, sample[0][:1].numel()
+        if per_label != per_out:
+            raise DataError(
+                f"the labels hold {per_label} value(s) per sample, but the output {heads[0].name!r} "
+                f"(a regression output) has {per_out}: give targets of the output's shape, or no labels"
+            )
     if cfg.distill is None:
         cfg.distill = _auto_distill(module, heads, train, device, log)
     teacher = None
@@ -223,9 +232,16 @@ def compress(
         blob = torch.load(ckpt_path, weights_only=False)
         if blob["meta"]["model_sha256"] != meta["model_sha256"]:
             raise ConfigError(f"--resume: checkpoint {ckpt_path} was made from another model")
-        if blob["meta"]["config"] != meta["config"]:
+        if set(blob["meta"]["config"]) != set(meta["config"]):
             raise ConfigError(
-                f"--resume: checkpoint {ckpt_path} was made with other settings; rerun with the same ones"
+                f"--resume: checkpoint {ckpt_path} was written by another onnxadmm version (its settings "
+                "differ in kind); start again without --resume"
+            )
+        if blob["meta"]["config"] != meta["config"]:
+            changed = sorted(k for k in meta["config"] if blob["meta"]["config"][k] != meta["config"][k])
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt_path} was made with other settings ({', '.join(changed)}); "
+                "rerun with the same ones"
             )
         engine.load(blob)
         log(f"resuming after unit {engine.state.unit + 1}/{len(units)} from {ckpt_path}")

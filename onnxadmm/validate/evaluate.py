@@ -139,22 +139,34 @@ def _pick_output(outputs: dict[str, np.ndarray], label_output: str | None, what:
     return None
 
 
+_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+_PROBABILITY_OPS = ("Sigmoid", "HardSigmoid")
+
+
 def _producers(proto) -> dict[str, str]:
-    """Graph output name -> the op type that computes it (through Identity)."""
+    """Graph output name -> the op type that computes it (through reshapes, casts and Identity)."""
     made = {o: n for n in proto.graph.node for o in n.output}
     found = {}
     for out in proto.graph.output:
         node = made.get(out.name)
-        while node is not None and node.op_type == "Identity" and node.input:
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
             node = made.get(node.input[0])
         found[out.name] = node.op_type if node is not None else ""
     return found
 
 
 def binary_threshold(values: np.ndarray, producer: str) -> float:
-    """0.5 for probabilities (made by Sigmoid, or all within [0, 1]), 0 for logits."""
-    probability = producer == "Sigmoid" or bool(((values >= 0) & (values <= 1)).all())
+    """0.5 for probabilities (made by Sigmoid, else when all values lie within [0, 1]), 0 for logits."""
+    probability = producer in _PROBABILITY_OPS or bool(((values >= 0) & (values <= 1)).all())
     return 0.5 if probability else 0.0
+
+
+def _binary_ok(labels, producer: str) -> bool:
+    """A one-column output is a binary classifier with 0/1 labels, or without labels when a Sigmoid
+    makes it; otherwise (other labels, or an unlabelled output of another op) a regression output."""
+    if labels is not None:
+        return bool(np.isin(np.asarray(labels), (0, 1)).all())
+    return producer in _PROBABILITY_OPS
 
 
 def _predictions(
@@ -176,7 +188,7 @@ def _predictions(
         return None, f"output of shape {list(out.shape)} is empty"
     if flat.shape[1] == 1:
         if not binary:
-            return None, "one value per sample and labels other than 0/1: a regression output, no classes"
+            return None, "one value per sample, and no 0/1 labels or Sigmoid: a regression output, no classes"
         v = flat[:, 0]
         if not np.isfinite(v).all():
             return None, "one value per sample with non-finite values; no binary decision"
@@ -390,9 +402,9 @@ def evaluate_model(
         n = len(next(iter(inputs.values())))
         out = _run_all(sess, inputs, fixed, "the model")
         key = _pick_output(out, label_output, "the model")
-        binary = labels is None or bool(np.isin(np.asarray(labels), (0, 1)).all())
+        producer = producers.get(key, "") if key is not None else ""
         pred, why = (
-            _predictions(out[key], n, producers.get(key, ""), binary)
+            _predictions(out[key], n, producer, _binary_ok(labels, producer))
             if key is not None
             else (None, "the model has no numeric output")
         )
@@ -410,7 +422,9 @@ def evaluate_model(
             ref_key = dict(pairs).get(key) if key is not None else None
             ref_pred = None
             if ref_key is not None:
-                ref_pred, why = _predictions(ref_out[ref_key], n, ref_producers.get(ref_key, ""), binary)
+                ref_pred, why = _predictions(
+                    ref_out[ref_key], n, ref_producers.get(ref_key, ""), _binary_ok(labels, ref_producers.get(ref_key, ""))
+                )
                 if why:
                     notes.append(f"no top-1 predictions from the reference's output {ref_key!r}: {why}")
             if pred is not None and ref_pred is not None:
