@@ -168,7 +168,7 @@ def compress(
 
     device = torch.device(cfg.device)
     module.to(device)
-    sample = _original_outputs(module, train, slice(0, 2), device)
+    sample = _original_outputs(module, train, slice(0, 1), device)  # output shapes, as _auto_distill
     heads = refine_heads(heads, sample, train.labels)
     if train.labels is not None and heads[0].kind == "regression":
         per_label, per_out = train.labels[:1].size, sample[0][:1].numel()
