@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -98,8 +99,6 @@ def refine_heads(heads: list[Head], outs: list[torch.Tensor], labels) -> list[He
     original's outputs ``outs`` on a sample: with 0/1 labels the first is a binary classifier's logit
     (trained like a one-column Sigmoid head: binary cross-entropy, class 1 where it is above 0);
     otherwise they are regression outputs (MSE on the labels or the original's outputs)."""
-    import numpy as np
-
     binary = labels is not None and bool(np.isin(np.asarray(labels), (0, 1)).all())
     refined = []
     for i, (h, o) in enumerate(zip(heads, outs)):

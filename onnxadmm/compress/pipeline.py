@@ -21,7 +21,7 @@ from ..importer import analysis
 from ..importer.graph import OnnxGraphModule
 from ..modelio import load_model, save_model
 from ..validate.evaluate import evaluate_model, file_bytes
-from .admm import Engine, final_step_of, plan
+from .admm import Engine, plan
 from .config import CompressConfig
 from .objective import refine_heads, training_heads
 from .pruning import allocate, matches, progressive_rates
@@ -168,7 +168,7 @@ def compress(
 
     device = torch.device(cfg.device)
     module.to(device)
-    sample = _original_outputs(module, train, slice(0, 1), device)  # output shapes, as _auto_distill
+    sample = _original_outputs(module, train, slice(0, 1), device)  # the outputs' shapes and sizes
     heads = refine_heads(heads, sample, train.labels)
     if train.labels is not None and heads[0].kind == "regression":
         per_label, per_out = train.labels[:1].size, sample[0][:1].numel()
@@ -178,7 +178,7 @@ def compress(
                 f"(a regression output) has {per_out}: give targets of the output's shape, or no labels"
             )
     if cfg.distill is None:
-        cfg.distill = _auto_distill(module, heads, train, device, log)
+        cfg.distill = _auto_distill(sample, heads, train, log)
     teacher = None
     if train.labels is None or cfg.distill > 0:
         teacher = _teacher_outputs(module, train, device)
@@ -215,11 +215,10 @@ def compress(
         rates.append(cfg.rate)
         quant.append(specs_q)
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
-    final_step = final_step_of(quant)
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
-    units = plan(cfg, len(rates), final_step)
     engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
+    units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
         for n in sizes:
             if start[n] < sizes[n]:
@@ -264,7 +263,7 @@ def compress(
             if unit.kind == "retrain" and first_of_phase:
                 engine.hard_prune(unit.step)
             if optimizer is None or first_of_phase:
-                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr_of(unit.step, final_step)
+                lr = cfg.lr if unit.kind == "admm" else cfg.retrain_lr_of(unit.step, engine.final_step)
                 optimizer = engine.make_optimizer(lr)
                 if engine.state.optimizer is not None and not first_of_phase:
                     optimizer.load_state_dict(engine.state.optimizer)
@@ -619,15 +618,16 @@ def _format_stats(label: str, s: dict) -> str:
 TEACHER_CACHE_LIMIT = 1 << 30  # bytes of the original's outputs kept for distillation by default
 
 
-def _auto_distill(module: OnnxGraphModule, heads, train: Dataset, device, log) -> float:
+def _auto_distill(sample: list[torch.Tensor], heads, train: Dataset, log) -> float:
     """Default distillation weight with labels: 1 (the original's soft outputs alongside the labels,
     which measurably helps pruned classifiers keep accuracy) when every training output is a classifier
-    head and caching the original's outputs on the training data takes at most 1 GiB; else 0."""
+    head and caching the original's outputs on the training data takes at most 1 GiB; else 0.
+    ``sample``: the original's outputs on one training sample."""
     if train.labels is None:
         return 0.0  # no labels: distillation is the whole loss anyway
     if any(h.kind == "regression" for h in heads):
         return 0.0
-    per_sample = sum(o.numel() * 4 for o in _original_outputs(module, train, slice(0, 1), device))
+    per_sample = sum(o.numel() * 4 for o in sample)
     if per_sample * len(train) > TEACHER_CACHE_LIMIT:
         log(
             "labels only: the original's outputs on the training data are too large to cache for distillation"

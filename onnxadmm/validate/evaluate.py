@@ -172,7 +172,8 @@ def _binary_ok(labels, producer: str) -> bool:
 def _predictions(
     out: np.ndarray, n: int, producer: str = "", binary: bool = True
 ) -> tuple[np.ndarray | None, str | None]:
-    """Top-1 class per sample from one output, or (None, why not).
+    """Top-1 class per sample from one output and None, or (None, why not); for a binary
+    classifier, (classes, how they were decided).
 
     One float value per sample is a binary classifier: class 1 where the output exceeds 0.5 when it
     is a probability (made by Sigmoid, or every value within [0, 1]), else where it exceeds 0 (a logit).
@@ -192,7 +193,8 @@ def _predictions(
         v = flat[:, 0]
         if not np.isfinite(v).all():
             return None, "one value per sample with non-finite values; no binary decision"
-        return (v > binary_threshold(v, producer)).astype(np.int64), None
+        cut = binary_threshold(v, producer)
+        return (v > cut).astype(np.int64), f"a binary classifier, class 1 above {cut:g}"
     return np.argmax(flat, axis=1), None
 
 
@@ -403,16 +405,15 @@ def evaluate_model(
         out = _run_all(sess, inputs, fixed, "the model")
         key = _pick_output(out, label_output, "the model")
         producer = producers.get(key, "") if key is not None else ""
-        pred, why = (
+        pred, how = (
             _predictions(out[key], n, producer, _binary_ok(labels, producer))
             if key is not None
             else (None, "the model has no numeric output")
         )
-        if pred is not None and _is_float(out[key]) and out[key].reshape(n, -1).shape[1] == 1:
-            cut = binary_threshold(out[key].reshape(-1), producers.get(key, ""))
-            notes.append(f"one value per sample in {key!r}: a binary classifier, class 1 above {cut:g}")
-        if why:
-            notes.append(f"no top-1 predictions from the model's output {key!r}: {why}")
+        if how and pred is not None:
+            notes.append(f"one value per sample in {key!r}: {how}")
+        elif how:
+            notes.append(f"no top-1 predictions from the model's output {key!r}: {how}")
         if dataset is not None and labels is not None:
             result["accuracy"] = _accuracy(pred, labels)
 
@@ -422,10 +423,9 @@ def evaluate_model(
             ref_key = dict(pairs).get(key) if key is not None else None
             ref_pred = None
             if ref_key is not None:
-                ref_pred, why = _predictions(
-                    ref_out[ref_key], n, ref_producers.get(ref_key, ""), _binary_ok(labels, ref_producers.get(ref_key, ""))
-                )
-                if why:
+                ref_producer = ref_producers.get(ref_key, "")
+                ref_pred, why = _predictions(ref_out[ref_key], n, ref_producer, _binary_ok(labels, ref_producer))
+                if ref_pred is None and why:
                     notes.append(f"no top-1 predictions from the reference's output {ref_key!r}: {why}")
             if pred is not None and ref_pred is not None:
                 result["agreement"] = float(np.mean(pred == ref_pred))
