@@ -148,6 +148,13 @@ def _defaults():
     "[default: 20x; none (1x) with --bits or --clusters alone]",
 )
 @click.option(
+    "--structure",
+    type=click.Choice(["none", "filter", "channel", "shape"]),
+    help="Prune single weights (none) or whole groups: filters (output channels, dense units), input "
+    "channels, or filter shapes (input channel x kernel position across all filters). Removed "
+    "channels are cut out of the ONNX layers, which become physically smaller. [default: none]",
+)
+@click.option(
     "--bits",
     type=click.IntRange(1, 8),
     help="Quantize the (remaining) weights to N-bit uniform levels with ADMM; 1 binarizes to {-q, +q}.",

@@ -18,7 +18,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from onnxadmm.compress.config import CompressConfig, load_config_file, parse_rate
-from onnxadmm.compress.pruning import allocate, matches, progressive_rates, project, topk_mask
+from onnxadmm.compress.pruning import (
+    allocate,
+    group_dims,
+    group_mask,
+    matches,
+    progressive_rates,
+    project,
+    topk_mask,
+)
 from onnxadmm.errors import ConfigError
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -373,3 +381,68 @@ def test_load_config_file_layers(tmp_path):
             load_config_file(q)
     with pytest.raises(ConfigError, match="not found"):
         load_config_file(tmp_path / "missing.toml")
+
+
+# ---- structured (group) projections --------------------------------------------------------------
+
+
+def _brute_group_best(w: torch.Tensor, dims, k_groups: int) -> float:
+    """min ||W - Z||^2 over Z whose non-zeros lie in at most k_groups groups (exhaustive)."""
+    norms = w.double().pow(2).sum(dim=dims, keepdim=True).flatten()
+    total = float(norms.sum())
+    best = math.inf
+    for size in range(0, min(k_groups, norms.numel()) + 1):
+        for support in itertools.combinations(range(norms.numel()), size):
+            best = min(best, total - float(norms[list(support)].sum()))
+    return best
+
+
+@pytest.mark.parametrize("structure", ["filter", "channel", "shape"])
+@pytest.mark.parametrize("seed", range(4))
+def test_group_projection_feasible_optimal_idempotent(structure, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 3, 2, 2, generator=g)
+    dims = group_dims(structure, 4, 0, 1)
+    n_groups = w.pow(2).sum(dim=dims, keepdim=True).numel()
+    size = w.numel() // n_groups
+    for k_groups in range(1, n_groups + 1):
+        mask = group_mask(w, k_groups * size, dims)
+        z = w * mask
+        # feasible: whole groups, at most k of them
+        kept = mask.sum(dim=dims) if structure != "shape" else mask.sum(dim=0)
+        assert set(kept.unique().tolist()) <= {0, size}
+        assert int((kept > 0).sum()) == k_groups
+        # optimal among all choices of k groups
+        got = float((w.double() - z.double()).pow(2).sum())
+        assert got <= _brute_group_best(w, dims, k_groups) + 1e-9
+        # idempotent, and pruned groups stay pruned inside the mask
+        assert torch.equal(group_mask(z, k_groups * size, dims), mask)
+        assert torch.equal(group_mask(w, k_groups * size, dims, mask), mask)
+
+
+def test_group_dims_per_structure_and_layout():
+    assert group_dims("none", 4, 0, 1) is None
+    assert group_dims("filter", 4, None, None) is None
+    assert group_dims("filter", 4, 0, 1) == (1, 2, 3)  # Conv [O, I, kh, kw]: one group per filter
+    assert group_dims("channel", 4, 0, 1) == (0, 2, 3)  # one group per input channel
+    assert group_dims("shape", 4, 0, 1) == (0,)  # one group per (input channel, kernel offset)
+    assert group_dims("filter", 2, 1, 0) == (0,)  # MatMul [in, out]: one group per output unit
+    assert group_dims("channel", 2, 1, 0) == (1,)
+    with pytest.raises(ConfigError):
+        group_dims("rows", 2, 1, 0)
+
+
+def test_group_mask_rounds_to_whole_groups_and_keeps_one():
+    w = torch.arange(1.0, 13.0).reshape(4, 3)  # filters (rows) of norms rising with the row
+    dims = (1,)
+    assert group_mask(w, 7, dims).sum(dim=1).tolist() == [0, 0, 3, 3]  # 7 weights -> 2 filters
+    assert group_mask(w, 1, dims).sum(dim=1).tolist() == [0, 0, 0, 3]  # at least one filter
+    allowed = torch.ones_like(w, dtype=torch.bool)
+    allowed[3] = False  # a pruned filter never comes back
+    assert group_mask(w, 6, dims, allowed).sum(dim=1).tolist() == [0, 3, 3, 0]
+
+
+def test_structure_setting_validated():
+    assert CompressConfig(structure="filter").validate().structure == "filter"
+    with pytest.raises(ConfigError, match="structure"):
+        CompressConfig(structure="rows").validate()

@@ -14,7 +14,7 @@ import torch
 from ..data import Dataset
 from .config import CompressConfig
 from .objective import Head, label_indices, loss_fn, predictions
-from .pruning import topk_mask
+from .pruning import group_mask, topk_mask
 
 
 @dataclass
@@ -88,6 +88,8 @@ class Engine:
         log: Callable[[str], None],
         quiet: bool = False,
         quant: list[dict[str, QuantSpec] | None] | None = None,
+        groups: dict[str, tuple[int, ...]] | None = None,
+        biases: dict[str, str] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
@@ -97,6 +99,11 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.names = list(keep[0])
         self.params = {n: module.parameter_for(n) for n in self.names}
+        # structured pruning: the axes each layer's group norms sum over (absent: unstructured), and
+        # the bias of each filter-pruned layer, zeroed with its filters so a removed channel is exactly 0
+        self.groups = dict(groups or {})
+        self.biases = {n: b for n, b in (biases or {}).items() if n in self.groups}
+        self.bias_params = {b: module.parameter_for(b) for b in self.biases.values()}
         self.rng = np.random.default_rng(cfg.seed)
         self.state = State()
 
@@ -164,7 +171,28 @@ class Engine:
     def apply_masks(self):
         with torch.no_grad():
             for n, mask in self.state.masks.items():
-                self.params[n].mul_(mask)
+                (self.params.get(n) if n in self.params else self.bias_params[n]).mul_(mask)
+
+    def support(self, n: str, w: torch.Tensor, keep: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Entries of layer ``n`` kept at ``keep`` weights: the largest magnitudes, or with structured
+        pruning the groups (filters, channels, filter shapes) of largest L2 norm."""
+        dims = self.groups.get(n)
+        if dims is None or keep >= w.numel():
+            return topk_mask(w, keep, mask)
+        return group_mask(w, keep, dims, mask)
+
+    def _mask_bias(self, n: str):
+        """Zero (and keep zero) the bias entries of filters that layer ``n``'s mask removed whole."""
+        b = self.biases.get(n)
+        if b is None or n not in self.state.masks:
+            return
+        mask, out = self.state.masks[n], [a for a in range(self.state.masks[n].dim()) if a not in self.groups[n]]
+        if len(out) != 1:
+            return
+        alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
+        bias = self.bias_params[b]
+        if bias.numel() == alive.numel():
+            self.state.masks[b] = alive.reshape(bias.shape)
 
     def penalty(self) -> torch.Tensor:
         st = self.state
@@ -190,7 +218,7 @@ class Engine:
         """Euclidean projection of ``w`` onto layer ``n``'s set at ``step``: the support first (the
         kept count inside the existing mask), then, in a quantization step, the levels on it."""
         keep, mask = self.keep[step][n], self.state.masks.get(n)
-        support = topk_mask(w, keep, mask)
+        support = self.support(n, w, keep, mask)
         z = w * support
         spec = (self.quant[step] or {}).get(n)
         if spec is not None:  # levels fitted on the support (a dense layer: on every entry)
@@ -227,7 +255,8 @@ class Engine:
         with torch.no_grad():
             for n in self.names:
                 if self.keep[step][n] < self.params[n].numel() or n in st.masks:
-                    st.masks[n] = topk_mask(self.params[n], self.keep[step][n], st.masks.get(n))
+                    st.masks[n] = self.support(n, self.params[n], self.keep[step][n], st.masks.get(n))
+                    self._mask_bias(n)
             self.apply_masks()
             for n, spec in (self.quant[step] or {}).items():
                 w = self.params[n]

@@ -41,6 +41,7 @@ class CompressConfig:
     rate: float | None = None  # overall pruning rate over compressible weights [20x; 1x when quantizing]
     bits: int | None = None  # quantize the (remaining) weights to this many bits; 1 = binarize {-q, +q}
     clusters: int | None = None  # or share at most this many values per layer (k-means centroids)
+    structure: str = "none"  # none | filter | channel | shape: prune single weights or whole groups
     granularity: str = "tensor"  # tensor | channel: one quantization step per layer or per output channel
     edge_bits: int | None = None  # bits for the first and last compressible layers (None: as --bits)
     layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates
@@ -96,6 +97,10 @@ class CompressConfig:
             raise ConfigError("edge_bits needs bits or clusters")
         if self.clusters is not None and (int(self.clusters) != self.clusters or not 2 <= self.clusters <= 256):
             raise ConfigError(f"clusters {self.clusters!r}: expected a whole number from 2 to 256")
+        from .pruning import STRUCTURES
+
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
         if self.granularity not in ("tensor", "channel"):
             raise ConfigError(f"granularity {self.granularity!r}: expected tensor or channel")
         self.layer_rates = {k: parse_rate(v) for k, v in dict(self.layer_rates).items()}

@@ -217,7 +217,10 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
-    engine = Engine(module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant)
+    groups, biases = _structure(cfg, proto, weights, log)
+    engine = Engine(
+        module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases
+    )
     units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
         for n in sizes:
@@ -291,6 +294,9 @@ def compress(
     state = module.onnx_state()
     pruned = {n for n in sizes if final[n] < sizes[n]}
     grids = dict(engine.state.grids)
+    shrunk = None
+    if groups:  # structured pruning: remove the channels that no longer matter
+        proto, state, grids, shrunk = _shrink(proto, state, grids, val, log)
     sparse_ok = fmt == "codebook" or (fmt == "auto" and bool(grids or pruned) and _sparse_decoders_ok(proto))
     encodings = _encodings(fmt, grids, state, proto, sparse_ok)
     encodings.update(
@@ -358,6 +364,8 @@ def compress(
                 "rate": w.params / max(nz, 1),
             }
         )
+        if tuple(np.shape(state[w.name])) != tuple(w.shape):  # physically smaller after structured pruning
+            layers[-1]["shape_after"] = list(np.shape(state[w.name]))
     total = sum(x["params"] for x in layers)
     nonzero = sum(x["nonzero"] for x in layers)
     others = [w for w in module.weights if not w.compressible]
@@ -369,6 +377,8 @@ def compress(
         "weights": {"total": total, "nonzero": nonzero},
         "layers": layers,
         "not_compressed": {"params": sum(w.params for w in others), "tensors": len(others)},
+        "structure": cfg.structure,
+        "shrunk": shrunk,
         "accuracy": {
             "original": (ev.get("reference") or {}).get("accuracy"),
             "compressed": ev.get("accuracy"),
@@ -409,6 +419,74 @@ def compress(
     if ckpt_path.exists():
         ckpt_path.unlink()
     return rep
+
+
+def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict]:
+    """Structured pruning: the axes each layer's group norms sum over, and (filter pruning) the bias
+    zeroed with each removed filter. Filter pruning leaves the last layers (the classifier heads, whose
+    outputs are the classes) to unstructured pruning; excluded layers stay dense either way."""
+    from .pruning import group_dims
+
+    if cfg.structure == "none":
+        return {}, {}
+    heads = analysis.last_layers(proto, weights) if cfg.structure == "filter" else set()
+    groups = {}
+    for w in weights:
+        dims = group_dims(cfg.structure, len(w.shape), w.out_axis, w.in_axis)
+        if dims is not None and w.name not in heads and not matches(w.name, cfg.exclude):
+            groups[w.name] = dims
+    left = [w.name for w in weights if w.name not in groups and not matches(w.name, cfg.exclude)]
+    if left:
+        log(f"{cfg.structure} pruning; pruned weight by weight instead: {', '.join(left)}")
+    biases = analysis.biases_of(proto) if cfg.structure == "filter" else {}
+    return groups, biases
+
+
+def _shrink(proto, state: dict, grids: dict, val: Dataset, log):
+    """The pruned model with its removable channels removed (``export.shrink``), checked in onnxruntime
+    against the unshrunk one on validation samples; returns (model, weights, grids, summary)."""
+    import dataclasses
+
+    from ..export.shrink import shrink_channels
+    from ..export.writer import initializer_values
+    from ..validate import ortrun
+
+    work = Path(tempfile.mkdtemp(prefix="onnxadmm-shrink-"))
+    try:
+        pruned = load_model(export_onnx(proto, state, work / "pruned.onnx"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res = shrink_channels(pruned)
+    if not res.removed:
+        log("structured pruning: no channel could be removed physically")
+        return proto, state, grids, {"channels_removed": {}, "checked": False}
+    try:
+        before, after = ortrun.session(pruned), ortrun.session(res.model)
+        feeds = ortrun.random_inputs(ortrun.input_specs(before), batch=min(len(val), 32), seed=0)
+        for name in feeds:
+            if name in val.inputs:
+                feeds[name] = val.inputs[name][: min(len(val), 32)]
+        a, b = before.run(None, feeds), after.run(None, feeds)
+        diff = max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b, strict=True))
+        scale = max(float(np.max(np.abs(x))) if x.size else 0.0 for x in a)
+    except Exception as exc:  # noqa: BLE001 - any failure: keep the unshrunk model
+        log(f"structured pruning: the smaller model does not run ({exc}); keeping the full-size layers")
+        return proto, state, grids, {"channels_removed": {}, "checked": False, "error": str(exc)}
+    if not diff <= 1e-4 * max(1.0, scale):
+        log(f"structured pruning: the smaller model's outputs differ by {diff:.3g}; keeping the full-size layers")
+        return proto, state, grids, {"channels_removed": {}, "checked": False, "max_abs_diff": diff}
+    values = initializer_values(res.model)
+    state = {n: (values[n] if n in values else v) for n, v in state.items()}
+    for n, g in list(grids.items()):
+        idx = res.kept.get(n, {}).get(g.group_axis) if g.group_axis is not None else None
+        if idx is not None:
+            t = torch.as_tensor(idx)
+            grids[n] = dataclasses.replace(
+                g, codebook=g.codebook[t], step=None if g.step is None else g.step.reshape(-1)[t]
+            )
+    removed = sum(res.removed.values())
+    log(f"structured pruning: {removed} channels removed physically (outputs checked in onnxruntime, max diff {diff:.2g})")
+    return res.model, state, grids, {"channels_removed": dict(res.removed), "checked": True, "max_abs_diff": diff}
 
 
 def _storage(path: Path) -> dict | None:

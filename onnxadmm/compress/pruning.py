@@ -101,3 +101,52 @@ def progressive_rates(target: float, step_factor: float, start: float = 1.0) -> 
         return [target]
     n = math.ceil(math.log(target / start) / math.log(step_factor))
     return [start * (target / start) ** (k / n) for k in range(1, n + 1)]
+
+
+STRUCTURES = ("none", "filter", "channel", "shape")
+
+
+def group_dims(structure: str, ndim: int, out_axis: int | None, in_axis: int | None) -> tuple[int, ...] | None:
+    """Axes summed over to form one group's norm, or None when ``structure`` does not apply.
+
+    filter: one group per output channel (a convolution filter, a dense layer's output unit);
+    channel: one group per input channel (all filters' slices that read it);
+    shape: one group per position in a filter (input channel x kernel offset, across all filters:
+    the column of the im2col weight matrix). For a dense layer, shape is channel.
+    """
+    if structure == "none" or out_axis is None or in_axis is None:
+        return None
+    if structure == "filter":
+        return tuple(a for a in range(ndim) if a != out_axis)
+    if structure == "channel":
+        return tuple(a for a in range(ndim) if a != in_axis)
+    if structure == "shape":
+        return (out_axis,)
+    raise ConfigError(f"structure {structure!r}: expected one of {', '.join(STRUCTURES)}")
+
+
+def group_mask(
+    w: torch.Tensor, keep: int, dims: tuple[int, ...], allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean mask (shape of ``w``) of the groups with the largest L2 norms holding about ``keep``
+    weights: the Euclidean projection onto {at most that many non-zero groups}. A group is the set of
+    entries sharing their indices outside ``dims``; groups entirely outside ``allowed`` are never
+    kept (pruned groups stay pruned), and entries outside ``allowed`` stay zero."""
+    x = w.detach()
+    if allowed is not None:
+        x = x * allowed
+    norms = x.pow(2).sum(dim=dims, keepdim=True)
+    n_groups = norms.numel()
+    size = w.numel() // max(n_groups, 1)
+    k = max(1, min(n_groups, int(round(int(keep) / max(size, 1)))))
+    flat = norms.flatten().clone()
+    if allowed is not None:
+        alive = allowed.sum(dim=dims, keepdim=True).flatten() > 0
+        flat = torch.where(alive, flat, torch.full_like(flat, -1.0))
+        k = min(k, max(1, int(alive.sum())))
+    sel = torch.zeros_like(flat, dtype=torch.bool)
+    sel[torch.topk(flat, k, sorted=False).indices] = True
+    mask = sel.view_as(norms).expand_as(w).clone()
+    if allowed is not None:
+        mask &= allowed.bool()
+    return mask

@@ -390,3 +390,76 @@ def check_supported(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None
             for m in missing
         ]
         raise UnsupportedModelError("unsupported operator: " + "; ".join(parts))
+
+
+def biases_of(model: onnx.ModelProto) -> dict[str, str]:
+    """{compressible weight name: the constant bias added to its layer's output}: a Conv, ConvTranspose
+    or Gemm bias input, or the constant of an ``Add`` right after a Conv/Gemm/MatMul (Keras, TF). Only
+    1-D biases, one value per output channel; a weight shared by several layers gets none."""
+    graph = model.graph
+    consts = constant_types(graph)
+    producers = _producers(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    uses: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for node in graph.node:
+        slots = WEIGHT_INPUTS.get(node.op_type)
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        w = resolve_source(node.input[1], producers, consts) if len(node.input) > 1 else None
+        if w is None or slots is None:
+            continue
+        uses[w] = uses.get(w, 0) + 1
+        bias = None
+        if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
+            bias = resolve_source(node.input[2], producers, consts)
+        else:
+            nxt = consumers.get(node.output[0], [])
+            if len(nxt) == 1 and nxt[0].op_type == "Add" and len(nxt[0].input) == 2:
+                other = [i for i in nxt[0].input if i != node.output[0]]
+                if other:
+                    bias = resolve_source(other[0], producers, consts)
+        if bias is not None and len(consts[bias][1]) == 1:
+            out[w] = bias
+    return {w: b for w, b in out.items() if uses.get(w) == 1}
+
+
+def last_layers(model: onnx.ModelProto, weights: list[WeightInfo]) -> set[str]:
+    """Compressible weights whose layer's output reaches no other compressible layer: the classifier
+    heads, whose output units (the classes) filter pruning must not remove."""
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    layer_nodes: dict[int, str] = {}
+    by_name = {w.name for w in weights if w.compressible}
+    producers = _producers(graph)
+    consts = constant_types(graph)
+    for n in graph.node:
+        for i in n.input:
+            src = resolve_source(i, producers, consts) if i else None
+            if src in by_name:
+                layer_nodes[id(n)] = src
+    out = set()
+    for n in graph.node:
+        w = layer_nodes.get(id(n))
+        if w is None:
+            continue
+        stack, seen, reaches = list(n.output), set(), False
+        while stack and not reaches:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for c in consumers.get(t, []):
+                if id(c) in layer_nodes and layer_nodes[id(c)] != w:
+                    reaches = True
+                    break
+                stack.extend(c.output)
+        if not reaches:
+            out.add(w)
+    return out

@@ -1,0 +1,416 @@
+"""Physically smaller layers after structured pruning: remove the channels that no longer matter.
+
+A channel between two layers can go when every layer that reads it either gives it all-zero weights
+(channel pruning), or receives a known constant there (a filter pruned whole: its output is its bias,
+0 when training zeroed that too) that folds exactly into the reader's bias. The producing layer then
+loses that output channel (filter, dense unit), the reader that input channel (or, after a Flatten,
+the block of features the channel became), and the channel-wise ops between them (activations,
+pooling, BatchNormalization, scalar arithmetic) are sliced or carry the constant along. The pass
+repeats until nothing changes, as a removed input channel can leave a filter constant in turn.
+
+What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
+that nothing else uses; between them unary activations, Max/Average/global pooling, inference
+BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, and a Flatten (axis 1) or rank-2
+Reshape before a dense layer. A channel that reaches anything else (an Add of two branches, a Concat,
+a graph output, a grouped convolution) is kept, so residual and depthwise models shrink only where
+the chain is plain. The pass edits the ModelProto directly; callers check the result in onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["shrink_channels", "ShrinkResult"]
+
+
+@dataclass
+class ShrinkResult:
+    model: onnx.ModelProto
+    kept: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # weight -> axis -> kept indices
+    removed: dict[str, int] = field(default_factory=dict)  # producing layer's weight -> channels removed
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unary(node, consts) -> callable | None:
+    """numpy function of a channel-wise unary op on a constant (NaN marks non-constant channels)."""
+    a = _attrs(node)
+    op = node.op_type
+    if op in ("Identity", "Dropout"):
+        return lambda c: c
+    if op == "Relu":
+        return lambda c: np.where(np.isnan(c), c, np.maximum(c, 0))
+    if op == "LeakyRelu":
+        al = a.get("alpha", 0.01)
+        return lambda c: np.where(c >= 0, c, al * c)
+    if op == "Sigmoid":
+        return lambda c: 1 / (1 + np.exp(-c))
+    if op == "Tanh":
+        return np.tanh
+    if op == "Elu":
+        al = a.get("alpha", 1.0)
+        return lambda c: np.where(c > 0, c, al * (np.exp(c) - 1))
+    if op == "Selu":
+        al, ga = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
+        return lambda c: ga * np.where(c > 0, c, al * (np.exp(c) - 1))
+    if op == "Softplus":
+        return lambda c: np.log1p(np.exp(c))
+    if op == "HardSigmoid":
+        al, be = a.get("alpha", 0.2), a.get("beta", 0.5)
+        return lambda c: np.clip(al * c + be, 0, 1)
+    if op == "Clip":
+        lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in consts:
+                return None
+            lo = float(consts[node.input[1]])
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in consts:
+                return None
+            hi = float(consts[node.input[2]])
+        return lambda c: np.clip(c, lo, hi)
+    if op in ("Mul", "Add", "Sub", "Div") and len(node.input) == 2:
+        other = node.input[1]
+        if other not in consts or consts[other].size != 1:
+            return None
+        k = float(consts[other].reshape(()))
+        f = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
+        return lambda c: f(c, k)
+    return None
+
+
+POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.g = g
+        self.inits = {t.name: t for t in g.initializer}
+        self.values = {n: numpy_helper.to_array(t) for n, t in self.inits.items()}
+        self.consumers: dict[str, list] = {}
+        self.uses: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+                    self.uses[i] = self.uses.get(i, 0) + 1
+        self.outputs = {o.name for o in g.output}
+
+    def own(self, name: str) -> bool:
+        """An initializer read by exactly one node input (so it can be sliced)."""
+        return name in self.values and self.uses.get(name, 0) == 1
+
+    def set(self, name: str, arr: np.ndarray):
+        t = self.inits[name]
+        new = numpy_helper.from_array(arr.astype(self.values[name].dtype, copy=False), name)
+        t.CopyFrom(new)
+        self.values[name] = arr.astype(self.values[name].dtype, copy=False)
+
+    def add_init(self, base: str, arr: np.ndarray) -> str:
+        name, k = base, 0
+        taken = set(self.inits) | {o for n in self.g.node for o in n.output} | {i.name for i in self.g.input}
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        t = numpy_helper.from_array(arr, name)
+        self.g.initializer.append(t)
+        self.inits[name] = self.g.initializer[-1]
+        self.values[name] = arr
+        self.uses[name] = 1
+        return name
+
+
+@dataclass
+class _Layer:
+    """A layer whose output channels may be removed."""
+
+    node: onnx.NodeProto
+    kind: str  # conv | fc
+    weight: str
+    out_axis: int
+    in_axis: int
+    bias: str | None  # 1-D initializer, one value per output channel, or a scalar
+    out: str  # the tensor the channels live in (after a bias Add)
+    block: int = 1  # fc readers: features per channel
+
+
+def _producer(G: _Graph, node) -> _Layer | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    w = node.input[1]
+    if not G.own(w):
+        return None
+    W = G.values[w]
+    a = _attrs(node)
+    if op == "Conv":
+        if a.get("group", 1) != 1 or W.ndim < 3:
+            return None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[0],)):
+            return None
+        return _Layer(node, "conv", w, 0, 1, bias, node.output[0])
+    if op == "Gemm" and W.ndim == 2 and not a.get("transA", 0):
+        out_axis = 0 if a.get("transB", 0) else 1
+        n_out = W.shape[out_axis]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            # a scalar bias is shared by every unit and stays as it is
+            if not G.own(bias) or G.values[bias].size not in (1, n_out) or G.values[bias].ndim > 1:
+                return None
+        return _Layer(node, "fc", w, out_axis, 1 - out_axis, bias, node.output[0])
+    if op == "MatMul" and W.ndim == 2:
+        bias, out = None, node.output[0]
+        nxt = G.consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type == "Add" and out not in G.outputs:
+            other = [i for i in nxt[0].input if i != out]
+            if len(other) == 1 and G.own(other[0]) and G.values[other[0]].shape in ((W.shape[1],), ()):
+                bias, out = other[0], nxt[0].output[0]
+        return _Layer(node, "fc", w, 1, 0, bias, out)
+    return None
+
+
+@dataclass
+class _Reader:
+    node: onnx.NodeProto
+    kind: str  # conv | gemm | matmul
+    weight: str
+    in_axis: int
+    block: int  # features per channel (flattened conv output), else 1
+    const: np.ndarray  # per-channel constant reaching it (NaN: not constant)
+    foldable: bool  # a constant input channel can be folded into its bias
+    bias_slot: tuple | None  # how to fold: ("conv", name|None) / ("gemm", name|None, scale) / ("add", name)
+
+
+@dataclass
+class _Chain:
+    readers: list = field(default_factory=list)
+    bns: list = field(default_factory=list)  # BatchNormalization nodes to slice
+    reshapes: list = field(default_factory=list)  # Reshape nodes whose target names the feature count
+    tensors: list = field(default_factory=list)
+
+
+def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
+    """Follow ``layer``'s output to the layers that read it; None if anything else reads it."""
+    chain = _Chain()
+    todo = [(layer.out, const, False)]  # tensor, per-channel constants, flattened
+    seen = set()
+    while todo:
+        t, c, flat = todo.pop()
+        if t in seen:
+            return None  # re-convergent paths: not handled
+        seen.add(t)
+        chain.tensors.append(t)
+        if t in G.outputs:
+            return None
+        readers = G.consumers.get(t, [])
+        if not readers:
+            return None
+        for n in readers:
+            if n.domain not in ("", "ai.onnx") or n.input[0] != t:
+                return None
+            op, a = n.op_type, _attrs(n)
+            extra_outputs = [o for o in n.output[1:] if o and G.consumers.get(o)]
+            if extra_outputs:
+                return None
+            f = _unary(n, G.values)
+            if f is not None:
+                with np.errstate(all="ignore"):
+                    todo.append((n.output[0], f(c.copy()), flat))
+            elif op in POOLS and layer.kind == "conv" and not flat:
+                pads = a.get("pads", [])
+                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                if op == "AveragePool" and padded and a.get("count_include_pad", 0):
+                    c = np.where(c == 0, 0.0, np.nan)
+                if op in ("LpPool", "GlobalLpPool"):
+                    c = np.where(c == 0, 0.0, np.nan)
+                todo.append((n.output[0], c, flat))
+            elif op == "BatchNormalization" and not flat and layer.node.op_type != "MatMul":
+                if len(n.input) < 5 or not all(G.own(i) and G.values[i].shape == c.shape for i in n.input[1:5]):
+                    return None
+                if a.get("training_mode", 0):
+                    return None
+                s, b, m, v = (G.values[i].astype(np.float64) for i in n.input[1:5])
+                eps = a.get("epsilon", 1e-5)
+                chain.bns.append(n)
+                todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat))
+            elif op == "Flatten" and not flat and a.get("axis", 1) == 1:
+                todo.append((n.output[0], c, True))
+            elif op == "Reshape" and not flat and n.input[1] in G.values:
+                target = G.values[n.input[1]].reshape(-1)
+                if target.size != 2 or not (target[1] == -1 or target[0] in (0, -1)):
+                    return None
+                chain.reshapes.append(n)
+                todo.append((n.output[0], c, True))
+            elif op == "Conv" and layer.kind == "conv" and not flat and G.own(n.input[1]):
+                if a.get("group", 1) != 1:
+                    return None
+                pads = a.get("pads", [])
+                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+                if bias is not None and not G.own(bias):
+                    return None
+                chain.readers.append(_Reader(n, "conv", n.input[1], 1, 1, c, not padded, ("conv", bias)))
+            elif op in ("Gemm", "MatMul") and (flat or layer.kind == "fc") and len(n.input) > 1 and G.own(n.input[1]):
+                W = G.values[n.input[1]]
+                if W.ndim != 2:
+                    return None
+                if op == "Gemm":
+                    if a.get("transA", 0):
+                        return None
+                    in_axis = 1 if a.get("transB", 0) else 0
+                    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+                    beta = a.get("beta", 1.0)
+                    ok = beta != 0 and (bias is None or (G.own(bias) and G.values[bias].ndim <= 2))
+                    slot = ("gemm", bias, a.get("alpha", 1.0) / beta if beta else 0.0)
+                else:
+                    in_axis = 0
+                    nxt = G.consumers.get(n.output[0], [])
+                    other = [i for i in nxt[0].input if i != n.output[0]] if len(nxt) == 1 and nxt[0].op_type == "Add" else []
+                    ok = len(other) == 1 and G.own(other[0]) and n.output[0] not in G.outputs
+                    slot = ("add", other[0] if ok else None)
+                K = W.shape[in_axis]
+                if K % c.size:
+                    return None
+                block = K // c.size
+                if block != 1 and not flat:
+                    return None
+                kind = "gemm" if op == "Gemm" else "matmul"
+                chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot))
+            else:
+                return None
+    return chain if chain.readers else None
+
+
+def _slab(W: np.ndarray, axis: int, ch: int, block: int) -> np.ndarray:
+    return np.take(W, np.arange(ch * block, (ch + 1) * block), axis=axis)
+
+
+def _removable(G: _Graph, chain: _Chain, n_ch: int) -> list[int]:
+    out = []
+    for ch in range(n_ch):
+        ok = True
+        for r in chain.readers:
+            if not np.any(_slab(G.values[r.weight], r.in_axis, ch, r.block)):
+                continue
+            c = r.const[ch]
+            if np.isnan(c) or not (c == 0 or r.foldable):
+                ok = False
+                break
+        if ok:
+            out.append(ch)
+    return out
+
+
+def _fold(G: _Graph, r: _Reader, dead: list[int]):
+    """Add the constant input channels' contribution to the reader's bias."""
+    W = G.values[r.weight].astype(np.float64)
+    if r.kind == "conv":
+        n_out = W.shape[0]
+        add = np.zeros(n_out)
+        for ch in dead:
+            c = r.const[ch]
+            if c and not np.isnan(c):
+                add += c * W[:, ch].reshape(n_out, -1).sum(axis=1)
+    else:
+        n_out = W.shape[1 - r.in_axis]
+        add = np.zeros(n_out)
+        for ch in dead:
+            c = r.const[ch]
+            if c and not np.isnan(c):
+                add += c * _slab(W, r.in_axis, ch, r.block).sum(axis=r.in_axis)
+    if not np.any(add):
+        return
+    kind, bias = r.bias_slot[0], r.bias_slot[1]
+    if kind == "gemm":
+        add = add * r.bias_slot[2]
+    if bias is None:
+        name = G.add_init(f"{r.weight}_bias", add.astype(G.values[r.weight].dtype))
+        while len(r.node.input) < 3:
+            r.node.input.append("")
+        r.node.input[2] = name
+        return
+    B = G.values[bias]
+    G.set(bias, (B.astype(np.float64) + add).reshape(np.broadcast_shapes(B.shape, add.shape)))
+
+
+def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: ShrinkResult):
+    n_ch = G.values[layer.weight].shape[layer.out_axis]
+    keep = np.array([i for i in range(n_ch) if i not in set(dead)], dtype=np.int64)
+    for r in chain.readers:
+        _fold(G, r, dead)
+        cols = np.concatenate([np.arange(k * r.block, (k + 1) * r.block) for k in keep])
+        G.set(r.weight, np.take(G.values[r.weight], cols, axis=r.in_axis))
+        _record(result, r.weight, r.in_axis, cols)
+    G.set(layer.weight, np.take(G.values[layer.weight], keep, axis=layer.out_axis))
+    _record(result, layer.weight, layer.out_axis, keep)
+    if layer.bias is not None and G.values[layer.bias].size == n_ch and n_ch > 1:
+        G.set(layer.bias, G.values[layer.bias].reshape(-1)[keep])
+    for bn in chain.bns:
+        for i in bn.input[1:5]:
+            G.set(i, G.values[i][keep])
+    for rs in chain.reshapes:
+        target = G.values[rs.input[1]].reshape(-1).copy()
+        if target[1] != -1:
+            target[1] = -1 if target[0] != -1 else target[1] // n_ch * len(keep)
+            name = G.add_init(f"{rs.input[1]}_shrunk", target.astype(np.int64))
+            G.uses[rs.input[1]] -= 1
+            rs.input[1] = name
+    changed = set(chain.tensors)
+    keep_vi = [vi for vi in G.g.value_info if vi.name not in changed]
+    del G.g.value_info[:]
+    G.g.value_info.extend(keep_vi)
+    result.removed[layer.weight] = result.removed.get(layer.weight, 0) + len(dead)
+
+
+def _record(result: ShrinkResult, name: str, axis: int, idx: np.ndarray):
+    per = result.kept.setdefault(name, {})
+    per[axis] = per[axis][idx] if axis in per else idx
+
+
+def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
+    """A copy of ``model`` with every removable channel removed (see the module doc); ``kept`` maps
+    each sliced weight to the original indices it keeps along each sliced axis."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    result = ShrinkResult(out)
+    G = _Graph(out)
+    while True:
+        changed = False
+        for node in list(out.graph.node):
+            layer = _producer(G, node)
+            if layer is None:
+                continue
+            W = G.values[layer.weight]
+            n_ch = W.shape[layer.out_axis]
+            if n_ch < 2:
+                continue
+            zero = ~np.moveaxis(W, layer.out_axis, 0).reshape(n_ch, -1).any(axis=1)
+            if layer.bias is not None:
+                B = G.values[layer.bias].astype(np.float64).reshape(-1)
+                bias = B if B.size == n_ch else np.full(n_ch, B[0] if B.size else 0.0)
+            else:
+                bias = np.zeros(n_ch)
+            if node.op_type == "Gemm":
+                bias = bias * _attrs(node).get("beta", 1.0)
+            const = np.where(zero, bias, np.nan)
+            chain = _walk(G, layer, const)
+            if chain is None:
+                continue
+            dead = _removable(G, chain, n_ch)
+            if len(dead) == n_ch:
+                dead = dead[1:]  # keep one channel: no zero-sized tensors
+            if dead:
+                _apply(G, layer, chain, dead, result)
+                changed = True
+        if not changed:
+            break
+    return result

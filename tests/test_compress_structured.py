@@ -1,0 +1,128 @@
+"""Structured pruning end to end on the digits CNN: whole filters, channels or filter shapes pruned
+with ADMM, the removed channels cut out of the written ONNX layers, the result run in onnxruntime.
+Training is tiny (plumbing, not accuracy), as in test_compress."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+from onnxadmm_cli.main import cli
+from test_compress import FAST, MODEL, onnx_weights
+
+from onnxadmm.compress.pipeline import compress
+from onnxadmm.data import input_specs_of, load_data
+from onnxadmm.modelio import load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_data("digits", input_specs_of(load_model(MODEL)))
+    return ds.inputs["input"], ds.labels
+
+
+def _logits(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def filter_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("structured") / "filter.onnx"
+    logs: list[str] = []
+    rep = compress(MODEL, out, "digits", rate="4x", structure="filter", log=logs.append, **FAST)
+    return {"rep": rep, "out": out, "logs": logs}
+
+
+def test_filter_pruning_writes_smaller_layers(filter_run):
+    rep, out = filter_run["rep"], filter_run["out"]
+    w = onnx_weights(out)
+    assert rep["structure"] == "filter" and rep["shrunk"]["checked"]
+    assert rep["shrunk"]["channels_removed"]
+    by = {x["name"]: x for x in rep["layers"]}
+    # the classifier keeps its 10 classes (pruned weight by weight), and says so
+    assert list(w["fc2.weight"].shape)[0] == 10
+    assert any("weight by weight instead: fc2.weight" in s for s in filter_run["logs"])
+    smaller = [n for n, x in by.items() if "shape_after" in x]
+    assert smaller, "no layer got smaller"
+    for n, x in by.items():
+        assert list(w[n].shape) == x.get("shape_after", x["shape"])
+        assert int(np.count_nonzero(w[n])) == x["nonzero"]
+        assert x["params"] == int(np.prod(x["shape"]))  # rates stay relative to the original layer
+    # a layer that lost filters has no all-zero filter left (they were removed, not kept as zeros)
+    conv2 = w["conv2.weight"]
+    assert conv2.shape[0] < 32 and bool(np.abs(conv2).reshape(conv2.shape[0], -1).sum(axis=1).all())
+    total = sum(x["params"] for x in rep["layers"])
+    assert rep["pruning_rate"] == pytest.approx(total / sum(x["nonzero"] for x in rep["layers"]))
+    assert rep["pruning_rate"] >= 4.0 * 0.98  # the removed reader slices only add to the rate
+
+
+def test_filter_pruned_model_matches_its_training_graph(filter_run, digits):
+    """The report's agreement and accuracy come from onnxruntime on the written (smaller) model;
+    here the written model is rerun and compared with the report's accuracy."""
+    rep, out = filter_run["rep"], filter_run["out"]
+    x, y = digits
+    logits = _logits(out, x[:200])
+    assert logits.shape == (200, 10) and np.isfinite(logits).all()
+    assert rep["shrunk"]["max_abs_diff"] <= 1e-4 * max(1.0, float(np.abs(logits).max()))
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+@pytest.mark.parametrize("structure", ["channel", "shape"])
+def test_channel_and_shape_pruning(tmp_path, structure):
+    out = tmp_path / f"{structure}.onnx"
+    rep = compress(MODEL, out, "digits", rate="4x", structure=structure, quiet=True, **FAST)
+    w = onnx_weights(out)
+    fc1 = next(x for x in rep["layers"] if x["name"] == "fc1.weight")
+    src = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(MODEL)).graph.initializer}
+    if structure == "channel":
+        # whole input columns of fc1 are zero or removed: each remaining column is all-zero or not
+        cols = w["fc1.weight"]
+        assert ((cols != 0).sum(axis=0) % cols.shape[0] == 0).all()
+    else:
+        # every (input channel, kernel offset) of conv2 is kept or pruned across all 32 filters
+        c2 = w["conv2.weight"].reshape(w["conv2.weight"].shape[0], -1)
+        assert (((c2 != 0).sum(axis=0) == 0) | ((c2 != 0).sum(axis=0) == c2.shape[0])).all()
+    assert fc1["params"] == src["fc1.weight"].size
+    assert rep["pruning_rate"] >= 4.0 * 0.98
+
+
+def test_filter_pruning_with_per_channel_quantization(tmp_path, digits):
+    """Per-channel codebooks follow the filters that remain after the channels are cut out."""
+    out = tmp_path / "fq.onnx"
+    rep = compress(
+        MODEL, out, "digits", rate="4x", structure="filter", bits=4, granularity="channel", quiet=True, **FAST
+    )
+    assert rep["shrunk"]["checked"] and rep["shrunk"]["channels_removed"]
+    w = onnx_weights(out)
+    for n, q in rep["quantization"].items():
+        levels = [np.unique(row[row != 0]).size for row in w[n].reshape(w[n].shape[0], -1)]
+        if q["per_channel"]:
+            assert max(levels) <= 16, n
+    x, _ = digits
+    assert np.isfinite(_logits(out, x[:50])).all()
+
+
+def test_cli_structure_option(tmp_path):
+    out = tmp_path / "cli.onnx"
+    args = ["compress", str(MODEL), str(out), "--data", "digits", "--rate", "4x", "--structure", "filter"]
+    args += ["--admm-iterations", "2", "--retrain-epochs", "1", "--max-batches-per-epoch", "2", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["config"]["structure"] == "filter" and rep["shrunk"]["channels_removed"]
+    bad = CliRunner().invoke(cli, args[:-1] + ["--structure", "rows"])
+    assert bad.exit_code != 0 and "rows" in bad.output

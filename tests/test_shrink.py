@@ -1,0 +1,168 @@
+"""The channel-removal pass after structured pruning: smaller layers, the same outputs in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxadmm.export.shrink import shrink_channels
+
+RNG = np.random.default_rng(0)
+
+
+def _f(*shape, scale=0.5):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _model(nodes, inits, x_shape, y_shape, opset=13):
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(m, x):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def _inits(m):
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def _cnn(pad_second=0):
+    """conv(pads 1) - BN - relu - maxpool - conv - relu - flatten - gemm - relu - gemm."""
+    inits = {
+        "w1": _f(6, 3, 3, 3), "b1": _f(6),
+        "s": (1 + _f(6, scale=0.1)), "bb": _f(6), "mu": _f(6), "var": (1 + np.abs(_f(6))),
+        "w2": _f(5, 6, 3, 3), "b2": _f(5),
+        "w3": _f(4, 5 * 2 * 2), "c3": _f(4),
+        "w4": _f(3, 4), "c4": _f(3),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a1", "s", "bb", "mu", "var"], ["n1"]),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["a2"], pads=[pad_second] * 4),
+        helper.make_node("Relu", ["a2"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "c3"], ["a3"], transB=1),
+        helper.make_node("Relu", ["a3"], ["r3"]),
+        helper.make_node("Gemm", ["r3", "w4", "c4"], ["y"], transB=1),
+    ]
+    side = 4 + 2 * pad_second - 2
+    inits["w3"] = _f(4, 5 * side * side)
+    return nodes, inits
+
+
+def test_filters_and_channels_removed_outputs_equal():
+    nodes, inits = _cnn()
+    inits["w1"][[1, 4]] = 0  # whole filters: their output is a constant (bias through BN and ReLU)
+    inits["w2"][:, 2] = 0  # channel pruning in the reader: conv1's live filter 2 is unused
+    inits["w2"][3] = 0  # a conv2 filter: constant relu(b2[3]), folded into the dense layer's bias
+    inits["w3"][1] = 0  # a dense unit: constant relu(c3[1]) folded into the last layer's bias
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w1"].shape == (3, 3, 3, 3)
+    assert after["w2"].shape == (4, 3, 3, 3)
+    assert after["w3"].shape == (3, 16)
+    assert after["w4"].shape == (3, 3)
+    assert after["s"].shape == (3,) and after["b1"].shape == (3,)
+    assert list(res.kept["w1"][0]) == [0, 3, 5]
+    assert list(res.kept["w2"][1]) == [0, 3, 5] and list(res.kept["w2"][0]) == [0, 1, 2, 4]
+    assert res.removed == {"w1": 3, "w2": 1, "w3": 1}
+    onnx.checker.check_model(res.model, full_check=True)
+    x = _f(7, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+    assert m.graph.initializer[0].dims == [6, 3, 3, 3]  # the input proto is not touched
+
+
+def test_padded_reader_keeps_nonzero_constant_channel():
+    nodes, inits = _cnn(pad_second=1)
+    inits["w1"][1] = 0  # constant but non-zero after BN: a padded conv cannot fold it exactly
+    inits["b1"][1] = 0
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    res = shrink_channels(m)
+    assert _inits(res.model)["w1"].shape[0] == 6
+    inits2 = dict(inits)
+    inits2["w2"] = inits["w2"].copy()
+    inits2["w2"][:, 1] = 0  # ... unless the reader does not read it
+    res2 = shrink_channels(_model(nodes, inits2, ["N", 3, 8, 8], ["N", 3]))
+    assert _inits(res2.model)["w1"].shape[0] == 5
+    x = _f(2, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res2.model, x), _run(_model(nodes, inits2, ["N", 3, 8, 8], ["N", 3]), x), rtol=1e-5, atol=1e-5)
+
+
+def test_keras_style_matmul_add_and_reshape():
+    inits = {
+        "w1": _f(10, 8), "b1": _f(8), "w2": _f(8, 6), "b2": _f(6), "w3": _f(6, 4), "b3": _f(4),
+        "shape": np.array([-1, 10], dtype=np.int64),
+    }  # fmt: skip
+    inits["w1"][:, [0, 5]] = 0  # two units of the first layer
+    inits["b1"][0] = 0
+    inits["w2"][[2, 3]] = 0  # the second layer ignores units 2 and 3 of the first
+    inits["w2"][:, 4] = 0  # and drops its own unit 4: constant tanh(b2[4]) folded into b3
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["xf"]),
+        helper.make_node("MatMul", ["xf", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["a2"]),
+        helper.make_node("Tanh", ["a2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["m3"]),
+        helper.make_node("Add", ["m3", "b3"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 5], ["N", 4])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w1"].shape == (10, 4) and after["w2"].shape == (4, 5) and after["w3"].shape == (5, 4)
+    x = _f(5, 2, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_flatten_through_reshape_with_fixed_feature_count():
+    inits = {"w1": _f(4, 1, 3, 3), "b1": _f(4), "w2": _f(4 * 4, 3), "shape": np.array([-1, 16], dtype=np.int64)}
+    inits["w1"][2] = 0
+    inits["b1"][2] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], strides=[2, 2]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "w2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 1, 5, 5], ["N", 3])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w1"].shape[0] == 3 and after["w2"].shape == (12, 3)
+    x = _f(3, 1, 5, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reader", ["add_branch", "graph_output", "grouped"])
+def test_unsupported_readers_keep_every_channel(reader):
+    inits = {"w1": _f(4, 4, 1, 1), "w2": _f(4, 4, 1, 1)}
+    inits["w1"][1] = 0
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"])]
+    if reader == "add_branch":  # a residual connection reads the channel too
+        nodes += [helper.make_node("Conv", ["r", "w2"], ["c"]), helper.make_node("Add", ["c", "r"], ["y"])]
+    elif reader == "graph_output":
+        nodes += [helper.make_node("Identity", ["r"], ["y"])]
+    else:
+        inits["w2"] = _f(4, 2, 1, 1)
+        nodes += [helper.make_node("Conv", ["r", "w2"], ["y"], group=2)]
+    m = _model(nodes, inits, ["N", 4, 3, 3], ["N", 4, 3, 3])
+    res = shrink_channels(m)
+    assert res.removed == {}
+    assert _inits(res.model)["w1"].shape == (4, 4, 1, 1)
