@@ -126,3 +126,23 @@ def test_cli_structure_option(tmp_path):
     assert rep["config"]["structure"] == "filter" and rep["shrunk"]["channels_removed"]
     bad = CliRunner().invoke(cli, args[:-1] + ["--structure", "rows"])
     assert bad.exit_code != 0 and "rows" in bad.output
+
+
+def test_storage_summary_counts_the_original_layer_sizes(filter_run):
+    """The storage summary of a physically smaller model measures it against the original layers."""
+    from onnxadmm.validate.storage_report import storage_report
+
+    rep, out = filter_run["rep"], filter_run["out"]
+    st = rep["storage"]
+    by = {x["name"]: x for x in st["layers"]}
+    for x in rep["layers"]:
+        assert by[x["name"]]["original_params"] == x["params"]
+        assert by[x["name"]]["params"] == int(np.prod(x.get("shape_after", x["shape"])))
+        assert by[x["name"]]["fp32_bytes"] == 4 * x["params"]
+    assert st["total"]["pruning_rate"] == pytest.approx(rep["pruning_rate"])
+    # the same from the CLI's --reference (the original file's tensor sizes)
+    again = storage_report(out, reference=MODEL)
+    assert again["total"]["original_params"] == sum(x["params"] for x in rep["layers"])
+    assert again["total"]["ratio_file"] == pytest.approx(st["total"]["ratio_file"])
+    alone = storage_report(out)  # without a reference the file's own shapes are all it knows
+    assert alone["total"]["original_params"] == alone["total"]["params"] < again["total"]["original_params"]

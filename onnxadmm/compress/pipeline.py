@@ -401,7 +401,7 @@ def compress(
             n: {"kind": g.kind, "bits": g.bits, "levels": g.levels, "per_channel": g.group_axis is not None}
             for n, g in grids.items()
         },
-        "storage": _storage(out_path),
+        "storage": _storage(out_path, {w.name: w.params for w in weights}),
         "latency": ev.get("latency"),
         "validation": {"samples": len(val), "source": val_note},
         "seconds": time.perf_counter() - t0,
@@ -489,12 +489,12 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log):
     return res.model, state, grids, {"channels_removed": dict(res.removed), "checked": True, "max_abs_diff": diff}
 
 
-def _storage(path: Path) -> dict | None:
+def _storage(path: Path, original_params: dict | None = None) -> dict | None:
     """The storage summary of the written file (``onnxadmm report``), or None if it cannot be made."""
     from ..validate.storage_report import storage_report
 
     try:
-        return storage_report(path)
+        return storage_report(path, original_params=original_params)
     except Exception as exc:  # noqa: BLE001 - the summary must not fail a finished compression
         return {"error": str(exc)}
 

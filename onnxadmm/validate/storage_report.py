@@ -106,12 +106,30 @@ def deep_compression(w: np.ndarray) -> dict:
     return best
 
 
-def storage_report(model_path, reference=None) -> dict:
-    """Per-layer and total storage of ``model_path``'s compressible weights (see the module docstring)."""
+def _param_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Element count of every initializer, sparse initializer and Constant-node tensor, by name."""
+    g = model.graph
+    out = {t.name: int(np.prod(t.dims)) for t in g.initializer}
+    out.update({sp.values.name: int(np.prod(sp.dims)) for sp in g.sparse_initializer})
+    for node in g.node:
+        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].type == 4:
+            out.setdefault(node.output[0], int(np.prod(node.attribute[0].t.dims)))
+    return out
+
+
+def storage_report(model_path, reference=None, original_params: dict[str, int] | None = None) -> dict:
+    """Per-layer and total storage of ``model_path``'s compressible weights (see the module docstring).
+
+    A layer made physically smaller by structured pruning is measured against its original size, taken
+    from ``original_params`` ({weight name: element count}) or else from the ``reference`` model: its
+    fp32 bytes and the pruning rate count the original layer's weights."""
     from ..export.storage import analyze
 
     path = Path(model_path)
     model = load_model(path)
+    if original_params is None and reference is not None:
+        original_params = _param_counts(load_model(Path(reference), load_external=False))
+    original_params = original_params or {}
     g = model.graph
     entries = analyze(model)
     # int8 QDQ weights: DequantizeLinear of an integer initializer
@@ -176,7 +194,8 @@ def storage_report(model_path, reference=None) -> dict:
         row["nonzero"] = int(np.count_nonzero(w))
         row["distinct"] = int(len(np.unique(w[w != 0]))) if row["nonzero"] else 0
         row["bytes"]["file"] = sum(row["bytes"].values())
-        row["fp32_bytes"] = 4 * row["params"]
+        row["original_params"] = max(int(original_params.get(n, row["params"])), row["params"])
+        row["fp32_bytes"] = 4 * row["original_params"]
         row["deep_compression"] = deep_compression(w.astype(np.float32) if w.dtype == np.float64 else w)
         row["ratio_file"] = row["fp32_bytes"] / max(row["bytes"]["file"], 1)
         row["ratio_theoretical"] = row["fp32_bytes"] / max(row["deep_compression"]["bytes"], 1e-9)
@@ -186,6 +205,7 @@ def storage_report(model_path, reference=None) -> dict:
     theo = sum(x["deep_compression"]["bytes"] for x in layers)
     total = {
         "params": sum(x["params"] for x in layers),
+        "original_params": sum(x["original_params"] for x in layers),
         "nonzero": sum(x["nonzero"] for x in layers),
         "fp32_bytes": fp32,
         "file_weight_bytes": file_w,
@@ -196,7 +216,7 @@ def storage_report(model_path, reference=None) -> dict:
         "positions": sum(x["bytes"]["positions"] for x in layers),
         "codebook": sum(x["bytes"]["codebook"] for x in layers),
     }
-    total["pruning_rate"] = total["params"] / max(total["nonzero"], 1)
+    total["pruning_rate"] = total["original_params"] / max(total["nonzero"], 1)
     rep = {"model": str(path), "file_bytes": path.stat().st_size, "layers": layers, "total": total}
     if reference is not None:
         ref = Path(reference)
@@ -215,13 +235,13 @@ def format_storage_report(rep: dict) -> str:
     for x in rep["layers"]:
         b = x["bytes"]
         lines.append(
-            f"{x['name'][:w]:<{w}} {x['storage']:<8} {x['params']:>10,} {x['nonzero']:>9,} {x['bits']:>4} "
+            f"{x['name'][:w]:<{w}} {x['storage']:<8} {x.get('original_params', x['params']):>10,} {x['nonzero']:>9,} {x['bits']:>4} "
             f"{b['values']:>9,} {b['positions']:>9,} {b['codebook']:>8,} {b['file']:>9,} "
             f"{x['ratio_file']:>7.1f}x {x['deep_compression']['bytes']:>9,.0f} {x['ratio_theoretical']:>8.1f}x"
         )
     t = rep["total"]
     lines.append(
-        f"{'total':<{w}} {'':<8} {t['params']:>10,} {t['nonzero']:>9,} {'':>4} {t['values']:>9,} "
+        f"{'total':<{w}} {'':<8} {t.get('original_params', t['params']):>10,} {t['nonzero']:>9,} {'':>4} {t['values']:>9,} "
         f"{t['positions']:>9,} {t['codebook']:>8,} {t['file_weight_bytes']:>9,} {t['ratio_file']:>7.1f}x "
         f"{t['theoretical_bytes']:>9,.0f} {t['ratio_theoretical']:>8.1f}x"
     )
