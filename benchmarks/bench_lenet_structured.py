@@ -119,7 +119,7 @@ def run_baseline(model: Path, row: dict, data, work: Path, log) -> dict:
     state = _weights(model)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            p.copy_(torch.from_numpy(state[name].reshape(p.shape)))
+            p.copy_(torch.from_numpy(state[name].reshape(p.shape).copy()))
     params = dict(net.named_parameters())
     masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in WEIGHTS}
     n_steps = len(row["steps"])
@@ -175,14 +175,15 @@ def latency(paths: dict[str, str], batch: int = 64, rounds: int = 7, runs: int =
         so.inter_op_num_threads = 1
         sessions[key] = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
     times: dict[str, list[float]] = {k: [] for k in paths}
-    for s in sessions.values():
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
         for _ in range(5):
-            s.run(None, {"x": x})
+            s.run(None, feeds[k])
     for _ in range(rounds):
         for k, s in sessions.items():
             for _ in range(runs):
                 t = time.perf_counter()
-                s.run(None, {"x": x})
+                s.run(None, feeds[k])
                 times[k].append((time.perf_counter() - t) * 1e3)
     return {k: float(np.median(v)) for k, v in times.items()}
 
@@ -248,6 +249,8 @@ def main(argv=None) -> int:
                     row["baseline"] = run_baseline(model, row, data, work, log)
                 rows.append(row)
         commands = ["python benchmarks/bench_lenet_structured.py " + shlex.join(argv or sys.argv[1:])]
+    if args.json:  # before the latency runs, so a failure there keeps the rows
+        args.json.write_text(json.dumps({"rows": rows, "commands": commands}, indent=2))
     paths = {"dense": str(model)} | {r["path"]: r["path"] for r in rows if Path(r["path"]).exists()}
     lat = latency(paths)
     for k, v in lat.items():

@@ -146,3 +146,16 @@ def test_storage_summary_counts_the_original_layer_sizes(filter_run):
     assert again["total"]["ratio_file"] == pytest.approx(st["total"]["ratio_file"])
     alone = storage_report(out)  # without a reference the file's own shapes are all it knows
     assert alone["total"]["original_params"] == alone["total"]["params"] < again["total"]["original_params"]
+
+
+def test_fixed_batch_export_is_checked_at_its_own_batch(tmp_path):
+    """A model exported with a fixed batch of 1 is checked in onnxruntime at batch 1 after shrinking."""
+    m = onnx.load(str(MODEL))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    src = tmp_path / "fixed.onnx"
+    onnx.save(m, str(src))
+    logs: list[str] = []
+    rep = compress(src, tmp_path / "out.onnx", "digits", rate="4x", structure="filter", log=logs.append, **FAST)
+    assert rep["shrunk"]["checked"] and rep["shrunk"]["channels_removed"], logs

@@ -166,3 +166,124 @@ def test_unsupported_readers_keep_every_channel(reader):
     res = shrink_channels(m)
     assert res.removed == {}
     assert _inits(res.model)["w1"].shape == (4, 4, 1, 1)
+
+
+def test_replaced_reshape_target_leaves_no_unused_initializer():
+    inits = {"w1": _f(4, 1, 3, 3), "w2": _f(4 * 4, 3), "shape": np.array([-1, 16], dtype=np.int64)}
+    inits["w1"][1] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], strides=[2, 2]),
+        helper.make_node("Reshape", ["a", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "w2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 1, 5, 5], ["N", 3])
+    res = shrink_channels(m)
+    used = {i for n in res.model.graph.node for i in n.input}
+    assert {t.name for t in res.model.graph.initializer} <= used
+    x = _f(2, 1, 5, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def _graph_cases():
+    """Graphs where removing a dead channel naively would change the outputs (review findings)."""
+    X = _f(2, 3, 8, 8, scale=1.0)
+    cases = {}
+    w1 = _f(3, 4)
+    w1[:, 1] = 0
+    cases["matmul_rank3_flatten"] = (  # (B,T,C) flattened: the channel is the innermost feature index
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Flatten", ["h"], ["f"], axis=1),
+         helper.make_node("Gemm", ["f", "w2"], ["y"])],
+        {"w1": w1, "w2": _f(8, 5)}, ["N", 2, 3], ["N", 5], _f(1, 2, 3, scale=1.0), [],
+    )  # fmt: skip
+    wc = _f(4, 3, 7, 7)
+    wc[1] = 0
+    cases["reshape_rows"] = (  # [-1, 4] makes each row a channel, not a sample
+        [helper.make_node("Conv", ["x", "wc"], ["h"]), helper.make_node("Reshape", ["h", "s"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["y"])],
+        {"wc": wc, "s": np.array([-1, 4], dtype=np.int64), "w2": _f(4, 3)}, [2, 3, 8, 8], None, X, [],
+    )  # fmt: skip
+    wc = _f(4, 3, 3, 3)
+    wc[1] = 0
+    cases["maxpool_indices_output"] = (
+        [helper.make_node("Conv", ["x", "wc"], ["h"]),
+         helper.make_node("MaxPool", ["h"], ["p", "idx"], kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["p", "w3"], ["y"])],
+        {"wc": wc, "w3": _f(2, 4, 3, 3)}, [2, 3, 8, 8], None, X, ["idx"],
+    )  # fmt: skip
+    w1 = _f(6, 4)
+    w1[:, 1] = 0
+    w2 = _f(4, 4)
+    w2[1] = 0
+    cases["read_twice"] = (
+        [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Gemm", ["h", "w2", "h"], ["y"])],
+        {"w1": w1, "w2": w2}, [2, 6], None, _f(2, 6, scale=1.0), [],
+    )  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_graph_cases()))
+def test_shrinking_never_changes_outputs(case):
+    nodes, inits, x_shape, _, x, extra = _graph_cases()[case]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        + [helper.make_tensor_value_info(e, TensorProto.INT64, None) for e in extra],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    res = shrink_channels(m)
+
+    def run(model):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x})
+
+    for a, b in zip(run(m), run(res.model), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_initializers_listed_as_graph_inputs_are_not_sliced():
+    """Old exports list weights as graph inputs, which a caller may override: they keep their shape."""
+    nodes, inits = _cnn()
+    inits["w1"][1] = 0
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    res = shrink_channels(m)
+    assert "w1" not in res.removed
+    assert _inits(res.model)["w1"].shape == (6, 3, 3, 3)
+
+
+def test_biases_of_includes_batchnorm_scale_and_bias():
+    """A removed filter's bias and its BatchNormalization's scale and bias are zeroed in training, so
+    the channel is exactly 0 after BN and a padded reader can drop it."""
+    from onnxadmm.importer.analysis import biases_of
+
+    nodes, inits = _cnn()
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    got = biases_of(m)
+    assert got["w1"] == ["b1", "s", "bb"]
+    assert got["w2"] == ["b2"] and got["w3"] == ["c3"] and got["w4"] == ["c4"]
+    # with filter 1 and its constants zeroed, even a padded reader drops the channel
+    nodes, inits = _cnn(pad_second=1)
+    for k in ("w1", "b1", "s", "bb"):
+        inits[k][1] = 0
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    res = shrink_channels(m)
+    assert _inits(res.model)["w1"].shape[0] == 5
+    x = _f(2, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_output_comparison_tolerates_rounding_only():
+    from onnxadmm.compress.pipeline import _same_outputs
+
+    a = [np.array([[1.0, 2.0]], np.float32), np.array([True, False])]
+    assert _same_outputs(a, [a[0] + 1e-6, a[1].copy()])[0]
+    assert not _same_outputs(a, [a[0] + 1e-2, a[1].copy()])[0]
+    assert not _same_outputs(a, [a[0], ~a[1]])[0]  # booleans compare exactly
+    h = np.array([100.0, -3.0], np.float16)
+    assert _same_outputs([h], [h + np.float16(0.0625)])[0]  # float16: a few ulps
+    assert not _same_outputs([h], [h + np.float16(4.0)])[0]
+    assert not _same_outputs([h], [h[:1]])[0]

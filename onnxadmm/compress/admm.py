@@ -100,10 +100,14 @@ class Engine:
         self.names = list(keep[0])
         self.params = {n: module.parameter_for(n) for n in self.names}
         # structured pruning: the axes each layer's group norms sum over (absent: unstructured), and
-        # the bias of each filter-pruned layer, zeroed with its filters so a removed channel is exactly 0
+        # the per-channel constants of each filter-pruned layer (bias, BN scale and bias), zeroed with
+        # its filters so that a removed filter's channel is exactly 0
         self.groups = dict(groups or {})
-        self.biases = {n: b for n, b in (biases or {}).items() if n in self.groups}
-        self.bias_params = {b: module.parameter_for(b) for b in self.biases.values()}
+        trainable = {name for name, _ in module.named_onnx_parameters()}
+        self.biases = {
+            n: [b for b in bs if b in trainable] for n, bs in (biases or {}).items() if n in self.groups
+        }
+        self.bias_params = {b: module.parameter_for(b) for bs in self.biases.values() for b in bs}
         self.rng = np.random.default_rng(cfg.seed)
         self.state = State()
 
@@ -182,17 +186,19 @@ class Engine:
         return group_mask(w, keep, dims, mask)
 
     def _mask_bias(self, n: str):
-        """Zero (and keep zero) the bias entries of filters that layer ``n``'s mask removed whole."""
-        b = self.biases.get(n)
-        if b is None or n not in self.state.masks:
+        """Zero (and keep zero) the per-channel constants (bias; BN scale and bias) of the filters that
+        layer ``n``'s mask removed whole, so their channels are exactly 0 and can be cut out."""
+        if n not in self.state.masks:
             return
-        mask, out = self.state.masks[n], [a for a in range(self.state.masks[n].dim()) if a not in self.groups[n]]
+        mask = self.state.masks[n]
+        out = [a for a in range(mask.dim()) if a not in self.groups[n]]
         if len(out) != 1:
             return
         alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
-        bias = self.bias_params[b]
-        if bias.numel() == alive.numel():
-            self.state.masks[b] = alive.reshape(bias.shape)
+        for b in self.biases.get(n, []):
+            p = self.bias_params[b]
+            if p.numel() == alive.numel():
+                self.state.masks[b] = alive.reshape(p.shape)
 
     def penalty(self) -> torch.Tensor:
         st = self.state

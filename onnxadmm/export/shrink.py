@@ -103,10 +103,27 @@ class _Graph:
                     self.consumers.setdefault(i, []).append(n)
                     self.uses[i] = self.uses.get(i, 0) + 1
         self.outputs = {o.name for o in g.output}
+        self.inputs = {i.name for i in g.input}  # old exports list initializers as (overridable) inputs
+        try:  # static shapes, to check that a Reshape flattens (batch, channels, ...) to (batch, -1)
+            inferred = onnx.shape_inference.infer_shapes(model)
+            infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        except Exception:  # noqa: BLE001 - without shapes, only Flatten and Reshape [0, -1] are accepted
+            infos = []
+        self.shapes: dict[str, list] = {}
+        for vi in infos:
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
 
     def own(self, name: str) -> bool:
-        """An initializer read by exactly one node input (so it can be sliced)."""
-        return name in self.values and self.uses.get(name, 0) == 1
+        """An initializer read by exactly one node input, and not a graph input or output (so it can
+        be sliced)."""
+        return (
+            name in self.values
+            and self.uses.get(name, 0) == 1
+            and name not in self.inputs
+            and name not in self.outputs
+        )
 
     def set(self, name: str, arr: np.ndarray):
         t = self.inits[name]
@@ -215,10 +232,10 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
         if not readers:
             return None
         for n in readers:
-            if n.domain not in ("", "ai.onnx") or n.input[0] != t:
+            if n.domain not in ("", "ai.onnx") or n.input[0] != t or list(n.input).count(t) > 1:
                 return None
             op, a = n.op_type, _attrs(n)
-            extra_outputs = [o for o in n.output[1:] if o and G.consumers.get(o)]
+            extra_outputs = [o for o in n.output[1:] if o and (G.consumers.get(o) or o in G.outputs)]
             if extra_outputs:
                 return None
             f = _unary(n, G.values)
@@ -242,11 +259,10 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 eps = a.get("epsilon", 1e-5)
                 chain.bns.append(n)
                 todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat))
-            elif op == "Flatten" and not flat and a.get("axis", 1) == 1:
-                todo.append((n.output[0], c, True))
-            elif op == "Reshape" and not flat and n.input[1] in G.values:
-                target = G.values[n.input[1]].reshape(-1)
-                if target.size != 2 or not (target[1] == -1 or target[0] in (0, -1)):
+            elif op == "Flatten" and not flat and a.get("axis", 1) == 1 and layer.node.op_type != "MatMul":
+                todo.append((n.output[0], c, True))  # (a Gemm's output is 2-D: Flatten is the identity)
+            elif op == "Reshape" and not flat and layer.kind == "conv" and n.input[1] in G.values:
+                if not _flattens(G, t, G.values[n.input[1]].reshape(-1), c.size):
                     return None
                 chain.reshapes.append(n)
                 todo.append((n.output[0], c, True))
@@ -288,6 +304,23 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             else:
                 return None
     return chain if chain.readers else None
+
+
+def _flattens(G: _Graph, t: str, target: np.ndarray, channels: int) -> bool:
+    """Whether Reshape(t, target) flattens a (batch, channels, ...) tensor to (batch, features), with the
+    channel the outermost index of a feature: target [0, -1]; or, with ``t``'s static shape known,
+    [-1, K] for K = channels x spatial size, or [B, -1] for its fixed batch B."""
+    if target.size != 2:
+        return False
+    if target[0] == 0 and target[1] == -1:
+        return True
+    shape = G.shapes.get(t)
+    if not shape or len(shape) < 2 or shape[1] != channels:
+        return False
+    inner = shape[1:]
+    if target[0] == -1:
+        return all(d is not None for d in inner) and int(target[1]) == int(np.prod(inner))
+    return target[1] == -1 and shape[0] is not None and int(target[0]) == shape[0]
 
 
 def _slab(W: np.ndarray, axis: int, ch: int, block: int) -> np.ndarray:
@@ -361,10 +394,14 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
         target = G.values[rs.input[1]].reshape(-1).copy()
         if target[1] != -1:
             target[1] = -1 if target[0] != -1 else target[1] // n_ch * len(keep)
-            name = G.add_init(f"{rs.input[1]}_shrunk", target.astype(np.int64))
-            G.uses[rs.input[1]] -= 1
+            old = rs.input[1]
+            name = G.add_init(f"{old}_shrunk", target.astype(np.int64))
+            G.uses[old] -= 1
             rs.input[1] = name
-    changed = set(chain.tensors)
+            if G.uses[old] == 0 and old not in G.outputs:
+                G.g.initializer.remove(G.inits.pop(old))
+                G.values.pop(old)
+    changed = set(chain.tensors) | {layer.node.output[0]}  # (a MatMul's output before its bias Add)
     keep_vi = [vi for vi in G.g.value_info if vi.name not in changed]
     del G.g.value_info[:]
     G.g.value_info.extend(keep_vi)

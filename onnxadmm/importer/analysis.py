@@ -392,39 +392,57 @@ def check_supported(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None
         raise UnsupportedModelError("unsupported operator: " + "; ".join(parts))
 
 
-def biases_of(model: onnx.ModelProto) -> dict[str, str]:
-    """{compressible weight name: the constant bias added to its layer's output}: a Conv, ConvTranspose
-    or Gemm bias input, or the constant of an ``Add`` right after a Conv/Gemm/MatMul (Keras, TF). Only
-    1-D biases, one value per output channel; a weight shared by several layers gets none."""
+def biases_of(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """{compressible weight name: the per-output-channel constants to zero with a removed filter}: the
+    layer's bias (a Conv, ConvTranspose or Gemm bias input, or the constant of an ``Add`` right after a
+    Conv/Gemm/MatMul, as Keras and TF write it) and, for a layer whose only reader is an inference
+    BatchNormalization, that BN's scale and bias (so a removed filter's channel is exactly 0 after
+    BN too: BN(0) = scale * (0 - mean) / std + bias). Only 1-D constants that no other node uses; a
+    weight shared by several layers gets none."""
     graph = model.graph
     consts = constant_types(graph)
     producers = _producers(graph)
     consumers: dict[str, list] = {}
+    uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    uses: dict[str, int] = {}
-    out: dict[str, str] = {}
+            src = resolve_source(i, producers, consts) if i else None
+            if src is not None:
+                uses[src] = uses.get(src, 0) + 1
+
+    def own_1d(name: str | None) -> bool:
+        return name is not None and uses.get(name) == 1 and len(consts[name][1]) == 1
+
+    out: dict[str, list[str]] = {}
     for node in graph.node:
-        slots = WEIGHT_INPUTS.get(node.op_type)
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
             continue
         w = resolve_source(node.input[1], producers, consts) if len(node.input) > 1 else None
-        if w is None or slots is None:
+        if w is None or uses.get(w) != 1:
             continue
-        uses[w] = uses.get(w, 0) + 1
-        bias = None
+        found, tail = [], node.output[0]
         if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
             bias = resolve_source(node.input[2], producers, consts)
+            if own_1d(bias):
+                found.append(bias)
         else:
-            nxt = consumers.get(node.output[0], [])
+            nxt = consumers.get(tail, [])
             if len(nxt) == 1 and nxt[0].op_type == "Add" and len(nxt[0].input) == 2:
-                other = [i for i in nxt[0].input if i != node.output[0]]
-                if other:
-                    bias = resolve_source(other[0], producers, consts)
-        if bias is not None and len(consts[bias][1]) == 1:
-            out[w] = bias
-    return {w: b for w, b in out.items() if uses.get(w) == 1}
+                other = [i for i in nxt[0].input if i != tail]
+                bias = resolve_source(other[0], producers, consts) if other else None
+                if own_1d(bias):
+                    found.append(bias)
+                    tail = nxt[0].output[0]
+        nxt = consumers.get(tail, [])
+        if node.op_type == "Conv" and len(nxt) == 1 and nxt[0].op_type == "BatchNormalization":
+            bn = nxt[0]
+            params = [resolve_source(i, producers, consts) for i in bn.input[1:3]] if len(bn.input) >= 3 else []
+            if len(params) == 2 and all(own_1d(p) for p in params) and bn.input[0] == tail:
+                found += params
+        if found:
+            out[w] = found
+    return out
 
 
 def last_layers(model: onnx.ModelProto, weights: list[WeightInfo]) -> set[str]:
