@@ -351,21 +351,52 @@ def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale,
 
     Example: onnxadmm evaluate out.onnx --data digits --reference models/digits_cnn.onnx
     """
-    from onnxadmm.data import input_specs_of, load_data
-    from onnxadmm.modelio import load_model
-    from onnxadmm.validate.evaluate import evaluate_model, format_evaluation
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    ds = None
-    if data:
-        ds = load_data(
-            data, input_specs_of(load_model(model)), limit=limit, **_data_options(scale, mean, std, layout)
-        )
+    from onnxadmm.data import input_specs_of, load_data
+    from onnxadmm.errors import DataError
+    from onnxadmm.modelio import load_model
+    from onnxadmm.validate.evaluate import evaluate_model, extract_outputs, format_evaluation, trainable_view
+
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise click.BadParameter(f"{batch_sizes!r}: expected e.g. 1,32", param_hint="--batch-sizes") from None
     provs = tuple(p.strip() for p in providers.split(",") if p.strip())
-    d = evaluate_model(model, ds, reference=reference, providers=provs, batch_sizes=sizes, runs=runs)
+    ds, note, work = None, None, None
+    if data:
+        proto = load_model(model)
+        options = _data_options(scale, mean, std, layout)
+        try:
+            ds = load_data(data, input_specs_of(proto), limit=limit, **options)
+        except DataError:
+            # e.g. an output that is an accuracy computed from a labels input: score the logits instead
+            view = trainable_view(proto)
+            if view is None:
+                raise
+            outs, ins = view
+            specs = [s for s in input_specs_of(proto) if s.name in ins]
+            ds = load_data(data, specs, limit=limit, **options)
+            work = Path(tempfile.mkdtemp(prefix="onnxadmm-eval-"))
+            extract_outputs(model, work / "model.onnx", ins, outs)
+            if reference:
+                extract_outputs(reference, work / "reference.onnx", ins, outs)
+                reference = str(work / "reference.onnx")
+            note = (
+                f"the data lack the model's other inputs: scored output(s) {', '.join(outs)} "
+                f"computed from {', '.join(ins)}"
+            )
+    try:
+        target = str(work / "model.onnx") if work else model
+        d = evaluate_model(target, ds, reference=reference, providers=provs, batch_sizes=sizes, runs=runs)
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    if note:
+        d["model"] = model
+        d["notes"].insert(0, note)
     _emit_json(d) if as_json else click.echo(format_evaluation(d))
 
 

@@ -307,3 +307,34 @@ def test_one_column_without_labels(tmp_path, held_out, sigmoid):
     else:
         assert d["agreement"] is None
         assert any("regression output" in n for n in d["notes"])
+
+
+def test_cli_scores_the_logits_of_a_model_whose_output_needs_labels(tmp_path, digits):
+    """A model whose only output is an accuracy computed from a labels input (as some TensorFlow
+    exports are) is scored on the logits it computes, from the inputs the data hold."""
+    from click.testing import CliRunner
+    from onnxadmm_cli.main import cli
+
+    m = onnx.load(MODEL)
+    m.graph.input.append(helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, ["N"]))
+    m.graph.node.extend(
+        [
+            helper.make_node("ArgMax", ["logits"], ["pred"], axis=1, keepdims=0),
+            helper.make_node("Equal", ["pred", "labels"], ["hit"]),
+            helper.make_node("Cast", ["hit"], ["hitf"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["hitf"], ["acc"], keepdims=0),
+        ]
+    )
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("acc", onnx.TensorProto.FLOAT, []))
+    path = tmp_path / "acc_model.onnx"
+    onnx.save(m, str(path))
+    data = tmp_path / "d.npz"
+    np.savez(data, input=digits.inputs["input"], y=digits.labels)
+    args = ["evaluate", str(path), "--data", str(data), "--batch-sizes", "1", "--runs", "2", "--json"]
+    r = CliRunner().invoke(cli, args + ["--reference", str(path)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["accuracy"] == pytest.approx(_direct_accuracy(digits))
+    assert d["agreement"] == 1.0 and d["model"] == str(path)
+    assert "scored output(s) logits computed from input" in d["notes"][0]

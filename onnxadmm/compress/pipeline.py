@@ -20,7 +20,7 @@ from ..export.writer import export_onnx
 from ..importer import analysis
 from ..importer.graph import OnnxGraphModule
 from ..modelio import load_model, save_model
-from ..validate.evaluate import evaluate_model, file_bytes
+from ..validate.evaluate import evaluate_model, extract_outputs, file_bytes
 from .admm import Engine, plan
 from .config import CompressConfig
 from .objective import refine_heads, training_heads
@@ -338,8 +338,8 @@ def compress(
         if view_outs != graph_outs:
             # e.g. a model whose only output is an accuracy: validate the logits it computes
             ev_model, ev_ref = Path(tmp) / "compressed.onnx", Path(tmp) / "original.onnx"
-            _extract(out_path, ev_model, module.input_names, view_outs)
-            _extract(ref_path, ev_ref, module.input_names, view_outs)
+            extract_outputs(out_path, ev_model, module.input_names, view_outs)
+            extract_outputs(ref_path, ev_ref, module.input_names, view_outs)
             log(f"validating on output(s) {', '.join(view_outs)} (the model's own outputs are not trainable)")
         else:
             ev_model, ev_ref = out_path, ref_path
@@ -674,26 +674,6 @@ def _quant_specs(cfg: CompressConfig, weights) -> dict:
         else:
             out[w.name] = QuantSpec(bits=int(bits), axis=axis)
     return out
-
-
-def _extract(src: Path, dst: Path, inputs: list[str], outputs: list[str]) -> None:
-    """A copy of ``src`` reduced to what computes ``outputs`` from ``inputs`` (weights unchanged)."""
-    m = load_model(src)
-    g = m.graph
-    keep = analysis.needed_nodes(g, outputs)
-    known = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
-    new_outputs = [
-        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-        for n in outputs
-    ]
-    new_inputs = [vi for vi in g.input if vi.name in inputs or vi.name in {t.name for t in g.initializer}]
-    del g.node[:]
-    g.node.extend(keep)
-    del g.output[:]
-    g.output.extend(new_outputs)
-    del g.input[:]
-    g.input.extend(new_inputs)
-    save_model(m, dst)
 
 
 def _json_default(o):

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from ..data import Dataset
@@ -308,6 +309,46 @@ def _check_options(batch_sizes, warmup, runs, threads) -> list[int]:
     if threads is not None and int(threads) < 0:
         raise ConfigError(f"threads must be >= 0 (0 = onnxruntime's default), got {threads}")
     return list(dict.fromkeys(sizes))
+
+
+def extract_outputs(src, dst, inputs: list[str], outputs: list[str]) -> None:
+    """A copy of ``src`` reduced to what computes ``outputs`` from ``inputs`` (weights unchanged),
+    written atomically to ``dst``."""
+    from ..importer import analysis
+    from ..modelio import save_model
+
+    m = load_model(Path(src))
+    g = m.graph
+    keep = analysis.needed_nodes(g, outputs)
+    known = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    new_outputs = [
+        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        for n in outputs
+    ]
+    new_inputs = [vi for vi in g.input if vi.name in inputs or vi.name in {t.name for t in g.initializer}]
+    del g.node[:]
+    g.node.extend(keep)
+    del g.output[:]
+    g.output.extend(new_outputs)
+    del g.input[:]
+    g.input.extend(new_inputs)
+    save_model(m, Path(dst))
+
+
+def trainable_view(model: onnx.ModelProto) -> tuple[list[str], list[str]] | None:
+    """(outputs, inputs) of the part of ``model`` that can be scored when its own outputs cannot: a
+    model whose output is, say, an accuracy computed from logits and a labels input is scored on the
+    logits, from the inputs those need. None when the model's outputs are scorable as they are."""
+    from ..importer import analysis
+
+    g = model.graph
+    outs = analysis.training_outputs(model)
+    if outs == [o.name for o in g.output]:
+        return None
+    inits = {t.name for t in g.initializer}
+    used = {i for n in analysis.needed_nodes(g, outs) for i in n.input}
+    inputs = [vi.name for vi in g.input if vi.name in used and vi.name not in inits]
+    return outs, inputs
 
 
 def evaluate_model(
