@@ -287,3 +287,11 @@ def test_output_comparison_tolerates_rounding_only():
     assert _same_outputs([h], [h + np.float16(0.0625)])[0]  # float16: a few ulps
     assert not _same_outputs([h], [h + np.float16(4.0)])[0]
     assert not _same_outputs([h], [h[:1]])[0]
+
+
+def test_channel_blocks_of_dense_layers_after_a_flatten():
+    from onnxadmm.export.shrink import channel_blocks
+
+    nodes, inits = _cnn()
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    assert channel_blocks(m) == {"w3": 5}  # fc reads conv2's 5 channels x 2x2; w4 reads a dense layer

@@ -89,7 +89,8 @@ class Engine:
         quiet: bool = False,
         quant: list[dict[str, QuantSpec] | None] | None = None,
         groups: dict[str, tuple[int, ...]] | None = None,
-        biases: dict[str, str] | None = None,
+        biases: dict[str, list[str]] | None = None,
+        views: dict[str, tuple[int, ...]] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
@@ -103,6 +104,7 @@ class Engine:
         # the per-channel constants of each filter-pruned layer (bias, BN scale and bias), zeroed with
         # its filters so that a removed filter's channel is exactly 0
         self.groups = dict(groups or {})
+        self.views = dict(views or {})  # a layer whose groups are blocks: the shape that exposes them
         trainable = {name for name, _ in module.named_onnx_parameters()}
         self.biases = {
             n: [b for b in bs if b in trainable] for n, bs in (biases or {}).items() if n in self.groups
@@ -183,6 +185,10 @@ class Engine:
         dims = self.groups.get(n)
         if dims is None or keep >= w.numel():
             return topk_mask(w, keep, mask)
+        view = self.views.get(n)
+        if view is not None:
+            m = None if mask is None else mask.reshape(view)
+            return group_mask(w.reshape(view), keep, dims, m).reshape(w.shape)
         return group_mask(w, keep, dims, mask)
 
     def _mask_bias(self, n: str):

@@ -217,10 +217,11 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
-    groups, biases = _structure(cfg, proto, weights, log)
+    groups, biases, views = _structure(cfg, proto, weights, log)
     engine = Engine(
-        module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases
-    )
+        module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
+        views=views,
+    )  # fmt: skip
     units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
         for n in sizes:
@@ -421,25 +422,38 @@ def compress(
     return rep
 
 
-def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict]:
-    """Structured pruning: the axes each layer's group norms sum over, and (filter pruning) the bias
-    zeroed with each removed filter. Filter pruning leaves the last layers (the classifier heads, whose
-    outputs are the classes) to unstructured pruning; excluded layers stay dense either way."""
+def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, dict]:
+    """Structured pruning: the axes each layer's group norms sum over, (filter pruning) the constants
+    zeroed with each removed filter, and the block views of dense layers that read a flattened
+    convolution output (channel pruning: one group per convolution channel, i.e. per block of input
+    features, so whole channels go). Filter pruning leaves the last layers (the classifier heads,
+    whose outputs are the classes) to unstructured pruning; excluded layers stay dense either way."""
+    from ..export.shrink import channel_blocks
     from .pruning import group_dims
 
     if cfg.structure == "none":
-        return {}, {}
+        return {}, {}, {}
     heads = analysis.last_layers(proto, weights) if cfg.structure == "filter" else set()
-    groups = {}
+    blocks = channel_blocks(proto) if cfg.structure == "channel" else {}
+    groups, views = {}, {}
     for w in weights:
+        if w.name in heads or matches(w.name, cfg.exclude):
+            continue
+        if w.name in blocks and len(w.shape) == 2:
+            c = blocks[w.name]
+            if w.in_axis == 1:
+                views[w.name], groups[w.name] = (w.shape[0], c, w.shape[1] // c), (0, 2)
+            else:
+                views[w.name], groups[w.name] = (c, w.shape[0] // c, w.shape[1]), (1, 2)
+            continue
         dims = group_dims(cfg.structure, len(w.shape), w.out_axis, w.in_axis)
-        if dims is not None and w.name not in heads and not matches(w.name, cfg.exclude):
+        if dims is not None:
             groups[w.name] = dims
     left = [w.name for w in weights if w.name not in groups and not matches(w.name, cfg.exclude)]
     if left:
         log(f"{cfg.structure} pruning; pruned weight by weight instead: {', '.join(left)}")
     biases = analysis.biases_of(proto) if cfg.structure == "filter" else {}
-    return groups, biases
+    return groups, biases, views
 
 
 def _same_outputs(a: list, b: list) -> tuple[bool, float]:

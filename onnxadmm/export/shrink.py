@@ -451,3 +451,36 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
         if not changed:
             break
     return result
+
+
+def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
+    """{dense layer weight: channels}: the Gemm/MatMul layers that read a flattened convolution output
+    (through activations, pooling, BatchNormalization, Flatten or a flattening Reshape), with that
+    convolution's channel count. Their input features come in one block per channel, so channel
+    pruning can treat each block as one group and remove whole channels."""
+    G = _Graph(model)
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in G.values:
+            continue
+        W = G.values[node.input[1]]
+        if W.ndim != 2 or (node.op_type == "Gemm" and _attrs(node).get("transA", 0)):
+            continue
+        in_axis = 1 if node.op_type == "Gemm" and _attrs(node).get("transB", 0) else 0
+        t, flat = node.input[0], False
+        for _ in range(64):
+            p = producers.get(t)
+            if p is None:
+                break
+            if p.op_type == "Conv" and len(p.input) > 1 and p.input[1] in G.values:
+                C = G.values[p.input[1]].shape[0]
+                if flat and C > 1 and W.shape[in_axis] % C == 0 and W.shape[in_axis] > C:
+                    out[node.input[1]] = int(C)
+                break
+            if p.op_type in ("Flatten", "Reshape"):
+                flat = True
+            elif not (p.op_type in POOLS or p.op_type == "BatchNormalization" or _unary(p, G.values)):
+                break
+            t = p.input[0]
+    return out
