@@ -162,3 +162,11 @@ def test_fixed_batch_export_is_checked_at_its_own_batch(tmp_path):
     logs: list[str] = []
     rep = compress(src, tmp_path / "out.onnx", "digits", rate="4x", structure="filter", log=logs.append, **FAST)
     assert rep["shrunk"]["checked"] and rep["shrunk"]["channels_removed"], logs
+
+
+def test_filter_pruning_at_a_high_rate_prunes_the_head_weight_by_weight(tmp_path):
+    """At 20x the classifier head is pruned too (weight by weight), alongside the filter-pruned layers."""
+    rep = compress(MODEL, tmp_path / "f20.onnx", "digits", rate="20x", structure="filter", quiet=True, **FAST)
+    by = {x["name"]: x for x in rep["layers"]}
+    assert by["fc2.weight"]["nonzero"] < 640 and by["fc2.weight"].get("shape_after", [10])[0] == 10
+    assert rep["pruning_rate"] >= 20 * 0.98 and rep["shrunk"]["checked"]

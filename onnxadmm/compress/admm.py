@@ -194,7 +194,7 @@ class Engine:
     def _mask_bias(self, n: str):
         """Zero (and keep zero) the per-channel constants (bias; BN scale and bias) of the filters that
         layer ``n``'s mask removed whole, so their channels are exactly 0 and can be cut out."""
-        if n not in self.state.masks:
+        if n not in self.state.masks or n not in self.groups or not self.biases.get(n):
             return
         mask = self.state.masks[n]
         out = [a for a in range(mask.dim()) if a not in self.groups[n]]
