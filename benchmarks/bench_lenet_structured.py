@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,8 +51,12 @@ BLOCKS = {"fc1.weight": 16}  # channel pruning of fc1: one group per conv2 chann
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
-    m = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    """Every weight of a model as a dense array (onnxadmm's packed storage decoded)."""
+    from onnxadmm.export.storage import expand_storage
+    from onnxadmm.export.writer import initializer_values
+    from onnxadmm.modelio import load_model
+
+    return initializer_values(expand_storage(load_model(path)))
 
 
 def run_admm(model: Path, structure: str, rate: float, data, overrides: dict, work: Path, log) -> dict:
@@ -64,7 +67,7 @@ def run_admm(model: Path, structure: str, rate: float, data, overrides: dict, wo
     t0 = time.perf_counter()
     rep = compress(
         model, out, {"x": xt, "y": yt}, val_data={"x": xv, "y": yv}, rate=rate, structure=structure,
-        fmt="dense", quiet=True, log=lambda s: None, **overrides,
+        quiet=True, log=lambda s: None, **overrides,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     w = _weights(out)
@@ -211,7 +214,8 @@ def section_text(rows: list[dict], dense: dict, lat: dict, commands: list[str]) 
         "`torch.nn.utils.prune.ln_structured`) over the same steps and epochs, with masked fine-tuning. "
         "With filter pruning the classifier (fc2) keeps its 10 outputs and is pruned weight by weight in "
         "both; with channel pruning, fc1 prunes whole conv2 channels (blocks of 4x4 features). Latency: "
-        "onnxruntime CPU, batch 64, one thread, p50 of interleaved rounds, in one run with the dense model.",
+        "onnxruntime CPU, batch 64, one thread, p50 of interleaved rounds, in one run with the dense model. "
+        "Wall times with two jobs sharing the 2 cores. File bytes: the format compress picks (auto).",
         "",
         "| structure | rate asked | weights in the file (x smaller) | non-zero (x fewer) | layer shapes (conv1, conv2, "
         "fc1, fc2) | ADMM | baseline | epochs | latency vs dense | file bytes | ADMM wall time |",
@@ -252,6 +256,10 @@ def main(argv=None) -> int:
         blobs = [json.loads(p.read_text()) for p in args.merge]
         rows = [r for b in blobs for r in b["rows"]]
         commands = [c for b in blobs for c in b["commands"]]
+        commands.append(
+            "python benchmarks/bench_lenet_structured.py " + shlex.join(argv or sys.argv[1:])
+            + "  # the table; latency of every row measured again, side by side"
+        )
     else:
         overrides = dict(kv.split("=", 1) for kv in args.set)
         overrides = {k: parse_value(v) for k, v in overrides.items()}
