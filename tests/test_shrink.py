@@ -295,3 +295,26 @@ def test_channel_blocks_of_dense_layers_after_a_flatten():
     nodes, inits = _cnn()
     m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
     assert channel_blocks(m) == {"w3": 5}  # fc reads conv2's 5 channels x 2x2; w4 reads a dense layer
+
+
+@pytest.mark.parametrize(
+    "op,attrs",
+    [("HardSwish", {}), ("Softsign", {}), ("Abs", {}), ("Neg", {}), ("Mish", {}), ("Selu", {}), ("Elu", {"alpha": 0.5}),
+     ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("Softplus", {}), ("LeakyRelu", {"alpha": 0.2})],
+)  # fmt: skip
+def test_constant_channel_carried_through_activations(op, attrs):
+    """A removed filter's constant output goes through the activation and folds into the next
+    (unpadded) convolution's bias: same outputs in onnxruntime."""
+    inits = {"w1": _f(4, 3, 3, 3), "b1": _f(4), "w2": _f(2, 4, 3, 3), "b2": _f(2)}
+    inits["w1"][2] = 0  # constant b1[2] after the first layer, act(b1[2]) after the activation
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"]),
+        helper.make_node(op, ["a"], ["r"], **attrs),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"]),
+    ]
+    opset = 18 if op == "Mish" or op == "HardSwish" else 13
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 4, 4], opset=opset)
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1}
+    x = _f(2, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)

@@ -61,6 +61,14 @@ def _unary(node, consts) -> callable | None:
         return lambda c: ga * np.where(c > 0, c, al * (np.exp(c) - 1))
     if op == "Softplus":
         return lambda c: np.log1p(np.exp(c))
+    if op == "HardSwish":
+        return lambda c: c * np.clip(c / 6 + 0.5, 0, 1)
+    if op == "Softsign":
+        return lambda c: c / (1 + np.abs(c))
+    if op in ("Abs", "Neg"):
+        return np.abs if op == "Abs" else np.negative
+    if op == "Mish":
+        return lambda c: c * np.tanh(np.log1p(np.exp(c)))
     if op == "HardSigmoid":
         al, be = a.get("alpha", 0.2), a.get("beta", 0.5)
         return lambda c: np.clip(al * c + be, 0, 1)
