@@ -89,6 +89,8 @@ def run_admm(model: Path, structure: str, rate: float, data, overrides: dict, wo
         "path": str(out),
         "kept_groups": _kept_groups(model, out, structure),
         "nonzero_by_layer": {x["name"]: x["nonzero"] for x in rep["layers"]},
+        "settings": dict(overrides),
+        "storage_ratio": ((rep.get("storage") or {}).get("total") or {}).get("ratio_file"),
     }
     log(
         f"ADMM {structure} {rate:g}x: accuracy {row['accuracy']:.4f}, {row['params']:,} weights in the file "
@@ -226,8 +228,11 @@ def section_text(rows: list[dict], dense: dict, lat: dict, commands: list[str]) 
         base = f"{r['baseline']['accuracy']:.2%}" if r.get("baseline") else "-"
         lt = lat.get(r["path"])
         ratio = f"{lat['dense'] / lt:.2f}x faster ({lt:.3f} ms)" if lt else "-"
+        what = r["structure"] + "".join(f", {k}={v}" for k, v in r.get("settings", {}).items())
+        if r.get("storage_ratio") and r.get("settings"):
+            what += f" (weights {r['storage_ratio']:.0f}x smaller in the file)"
         lines.append(
-            f"| {r['structure']} | {r['rate']:g}x | {r['params']:,} ({430500 / r['params']:.1f}x) | "
+            f"| {what} | {r['rate']:g}x | {r['params']:,} ({430500 / r['params']:.1f}x) | "
             f"{r['nonzero']:,} ({430500 / r['nonzero']:.1f}x) | {shapes} | "
             f"**{r['accuracy']:.2%}** | {base} | {r['epochs']:g} | {ratio} | {r['file_bytes']:,} | "
             f"{r['seconds'] / 60:.1f} min |"
