@@ -318,3 +318,23 @@ def test_constant_channel_carried_through_activations(op, attrs):
     assert res.removed == {"w1": 1}
     x = _f(2, 3, 8, 8, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_reshape_target_in_a_constant_node():
+    """PyTorch exports write x.view(-1, K)'s target as a Constant node: it is replaced, and dropped."""
+    inits = {"w1": _f(4, 1, 3, 3), "w2": _f(4 * 4, 3)}
+    inits["w1"][2] = 0
+    target = numpy_helper.from_array(np.array([-1, 16], dtype=np.int64))
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], strides=[2, 2]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Constant", [], ["shape"], value=target),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "w2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 1, 5, 5], ["N", 3])
+    res = shrink_channels(m)
+    assert _inits(res.model)["w2"].shape == (12, 3)
+    assert "Constant" not in [n.op_type for n in res.model.graph.node]
+    x = _f(3, 1, 5, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)

@@ -103,6 +103,12 @@ class _Graph:
         self.g = g
         self.inits = {t.name: t for t in g.initializer}
         self.values = {n: numpy_helper.to_array(t) for n, t in self.inits.items()}
+        # Constant nodes (a Reshape's target, a Clip bound): read-only values, never sliced
+        self.const_nodes = {}
+        for n in g.node:
+            if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
+                self.const_nodes[n.output[0]] = n
+                self.values.setdefault(n.output[0], numpy_helper.to_array(n.attribute[0].t))
         self.consumers: dict[str, list] = {}
         self.uses: dict[str, int] = {}
         for n in g.node:
@@ -127,7 +133,7 @@ class _Graph:
         """An initializer read by exactly one node input, and not a graph input or output (so it can
         be sliced)."""
         return (
-            name in self.values
+            name in self.inits
             and self.uses.get(name, 0) == 1
             and name not in self.inputs
             and name not in self.outputs
@@ -406,8 +412,11 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
             name = G.add_init(f"{old}_shrunk", target.astype(np.int64))
             G.uses[old] -= 1
             rs.input[1] = name
-            if G.uses[old] == 0 and old not in G.outputs:
-                G.g.initializer.remove(G.inits.pop(old))
+            if G.uses[old] == 0 and old not in G.outputs:  # the old target is read by nothing now
+                if old in G.inits:
+                    G.g.initializer.remove(G.inits.pop(old))
+                elif old in G.const_nodes:
+                    G.g.node.remove(G.const_nodes.pop(old))
                 G.values.pop(old)
     changed = set(chain.tensors) | {layer.node.output[0]}  # (a MatMul's output before its bias Add)
     keep_vi = [vi for vi in G.g.value_info if vi.name not in changed]
