@@ -338,3 +338,35 @@ def test_reshape_target_in_a_constant_node():
     assert "Constant" not in [n.op_type for n in res.model.graph.node]
     x = _f(3, 1, 5, 5, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_reshape_with_a_target_computed_from_the_tensor():
+    """Older PyTorch exports flatten with x.view(x.size(0), -1): Shape, Gather, Unsqueeze, Concat."""
+    inits = {
+        "w1": _f(4, 1, 3, 3), "w2": _f(4 * 4, 3), "zero": np.array(0, dtype=np.int64),
+        "minus1": np.array([-1], dtype=np.int64), "ax0": np.array([0], dtype=np.int64),
+    }  # fmt: skip
+    inits["w1"][1] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], strides=[2, 2]),
+        helper.make_node("Shape", ["a"], ["sh"]),
+        helper.make_node("Gather", ["sh", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["a", "target"], ["f"]),
+        helper.make_node("MatMul", ["f", "w2"], ["y"]),
+    ]
+    x = _f(3, 1, 5, 5, scale=1.0)
+    for source in ("a", "x"):  # the batch read from the channel tensor itself, or from the input
+        nodes[1] = helper.make_node("Shape", [source], ["sh"])
+        m = _model(nodes, inits, ["N", 1, 5, 5], ["N", 3])
+        res = shrink_channels(m)
+        assert res.removed == {"w1": 1} and _inits(res.model)["w2"].shape == (12, 3)
+        np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+    # a Shape whose channel count is used (here: the second entry) blocks the channel
+    inits["one"] = np.array(1, dtype=np.int64)
+    nodes[2] = helper.make_node("Gather", ["sh", "one"], ["n"], axis=0)
+    nodes[1] = helper.make_node("Shape", ["a"], ["sh"])
+    nodes[4] = helper.make_node("Concat", ["minus1", "n1"], ["target"], axis=0)
+    m = _model(nodes, inits, ["N", 1, 5, 5], ["A", "B"])
+    assert shrink_channels(m).removed == {}

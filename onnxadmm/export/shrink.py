@@ -117,9 +117,10 @@ class _Graph:
                     self.consumers.setdefault(i, []).append(n)
                     self.uses[i] = self.uses.get(i, 0) + 1
         self.outputs = {o.name for o in g.output}
+        self.producers = {o: n for n in g.node for o in n.output if o}
         self.inputs = {i.name for i in g.input}  # old exports list initializers as (overridable) inputs
         try:  # static shapes, to check that a Reshape flattens (batch, channels, ...) to (batch, -1)
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - without shapes, only Flatten and Reshape [0, -1] are accepted
             infos = []
@@ -127,7 +128,9 @@ class _Graph:
         for vi in infos:
             t = vi.type.tensor_type
             if t.HasField("shape"):
-                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                self.shapes[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+                ]
 
     def own(self, name: str) -> bool:
         """An initializer read by exactly one node input, and not a graph input or output (so it can
@@ -275,11 +278,18 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat))
             elif op == "Flatten" and not flat and a.get("axis", 1) == 1 and layer.node.op_type != "MatMul":
                 todo.append((n.output[0], c, True))  # (a Gemm's output is 2-D: Flatten is the identity)
-            elif op == "Reshape" and not flat and layer.kind == "conv" and n.input[1] in G.values:
-                if not _flattens(G, t, G.values[n.input[1]].reshape(-1), c.size):
-                    return None
-                chain.reshapes.append(n)
+            elif op == "Reshape" and not flat and layer.kind == "conv":
+                if n.input[1] in G.values:  # a constant target, rewritten after the channels go
+                    if not _flattens(G, t, G.values[n.input[1]].reshape(-1), c.size):
+                        return None
+                    chain.reshapes.append(n)
+                elif not _batch_flatten_target(G, n.input[1], G.producers):
+                    return None  # (a computed [batch, -1] follows the tensor's own shape)
                 todo.append((n.output[0], c, True))
+            elif op == "Shape" and not flat and not a.get("start", 0):
+                # read for its batch size only (x.view(x.size(0), -1)): the channel count is not used
+                if not all(_batch_index(G, g) for g in G.consumers.get(n.output[0], [])) or n.output[0] in G.outputs:
+                    return None
             elif op == "Conv" and layer.kind == "conv" and not flat and G.own(n.input[1]):
                 if a.get("group", 1) != 1:
                     return None
@@ -333,8 +343,39 @@ def _flattens(G: _Graph, t: str, target: np.ndarray, channels: int) -> bool:
         return False
     inner = shape[1:]
     if target[0] == -1:
-        return all(d is not None for d in inner) and int(target[1]) == int(np.prod(inner))
-    return target[1] == -1 and shape[0] is not None and int(target[0]) == shape[0]
+        return all(isinstance(d, int) for d in inner) and int(target[1]) == int(np.prod(inner))
+    return target[1] == -1 and isinstance(shape[0], int) and int(target[0]) == shape[0]
+
+
+def _batch_index(G: _Graph, node) -> bool:
+    """Whether ``node`` is Gather(shape, 0): it takes the batch size from a Shape's output."""
+    if node.op_type != "Gather" or _attrs(node).get("axis", 0) != 0 or len(node.input) < 2:
+        return False
+    idx = G.values.get(node.input[1])
+    return idx is not None and idx.size == 1 and int(idx.reshape(-1)[0]) == 0
+
+
+def _batch_flatten_target(G: _Graph, target: str, producers: dict) -> bool:
+    """Whether a computed Reshape target is [batch, -1], batch read from a Shape: what older PyTorch
+    exports write for x.view(x.size(0), -1) (Shape, Gather 0, Unsqueeze, Concat with [-1])."""
+    cat = producers.get(target)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or _attrs(cat).get("axis") != 0:
+        return False
+    tail = G.values.get(cat.input[1])
+    if tail is None or tail.reshape(-1).tolist() != [-1]:
+        return False
+    t = cat.input[0]
+    for _ in range(8):
+        p = producers.get(t)
+        if p is None:
+            return False
+        if _batch_index(G, p):
+            src = producers.get(p.input[0])
+            return src is not None and src.op_type == "Shape" and not _attrs(src).get("start", 0)
+        if p.op_type not in ("Unsqueeze", "Cast", "Identity", "Reshape"):
+            return False
+        t = p.input[0]
+    return False
 
 
 def _slab(W: np.ndarray, axis: int, ch: int, block: int) -> np.ndarray:
