@@ -170,3 +170,32 @@ def test_filter_pruning_at_a_high_rate_prunes_the_head_weight_by_weight(tmp_path
     by = {x["name"]: x for x in rep["layers"]}
     assert by["fc2.weight"]["nonzero"] < 640 and by["fc2.weight"].get("shape_after", [10])[0] == 10
     assert rep["pruning_rate"] >= 20 * 0.98 and rep["shrunk"]["checked"]
+
+
+@pytest.mark.parametrize(
+    "name,structure",
+    [
+        ("CODEMAN251+mnist-cnn-onnx/mnist_cnn.onnx", "channel"),  # PyTorch: Constant-node Reshape target
+        ("akinobu123+tf2onnx/mnist.onnx", "filter"),  # TensorFlow: MatMul + Add, an accuracy output
+        ("aclex+k210_mnist_assets/mnist_cnn.onnx", "filter"),  # fixed batch of 1, Pad, AveragePool
+    ],
+)
+def test_structured_pruning_of_real_mnist_models(models_dir, mnist, tmp_path, name, structure):
+    """Real exports from the shared models, on real MNIST digits: channels come out of the ONNX
+    layers and the smaller model passes the onnxruntime check (tiny training: plumbing only)."""
+    path = models_dir / name
+    with np.load(mnist) as z:
+        x, y = z["x_test"][:600], z["y_test"][:600]
+    specs = input_specs_of(load_model(path))
+    main = specs[0]  # the image input (akinobu's second input, its one-hot labels, is not trained on)
+    shape = [d if isinstance(d, int) and d > 0 else None for d in main.shape]
+    imgs = x.astype(np.float32) / 255.0
+    imgs = imgs.reshape(len(imgs), *[d for d in shape[1:]]) if all(shape[1:]) else imgs
+    data = {main.name: imgs, "y": y.astype(np.int64)}
+    out = tmp_path / "out.onnx"
+    logs: list[str] = []
+    rep = compress(path, out, data, rate="4x", structure=structure, log=logs.append, **FAST)
+    assert rep["shrunk"]["checked"], logs
+    assert sum(rep["shrunk"]["channels_removed"].values()) > 0
+    assert any("shape_after" in x for x in rep["layers"])
+    assert rep["accuracy"]["compressed"] is not None
