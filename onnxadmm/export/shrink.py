@@ -10,8 +10,9 @@ repeats until nothing changes, as a removed input channel can leave a filter con
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
 that nothing else uses; between them unary activations, Max/Average/global pooling, inference
-BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, and a Flatten (axis 1) or rank-2
-Reshape before a dense layer. A channel that reaches anything else (an Add of two branches, a Concat,
+BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, and a Flatten (axis 1) or a Reshape
+to (batch, features) before a dense layer: a constant target (initializer or Constant node) that
+static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A channel that reaches anything else (an Add of two branches, a Concat,
 a graph output, a grouped convolution) is kept, so residual and depthwise models shrink only where
 the chain is plain. The pass edits the ModelProto directly; callers check the result in onnxruntime.
 """
@@ -119,7 +120,13 @@ class _Graph:
         self.outputs = {o.name for o in g.output}
         self.producers = {o: n for n in g.node for o in n.output if o}
         self.inputs = {i.name for i in g.input}  # old exports list initializers as (overridable) inputs
-        try:  # static shapes, to check that a Reshape flattens (batch, channels, ...) to (batch, -1)
+        self.refresh_shapes()
+
+    def refresh_shapes(self):
+        """Static shapes, to check that a Reshape flattens (batch, channels, ...) to (batch, -1); again
+        after every removal, as the channel counts change."""
+        model = self.model
+        try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - without shapes, only Flatten and Reshape [0, -1] are accepted
@@ -505,6 +512,7 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
                 dead = dead[1:]  # keep one channel: no zero-sized tensors
             if dead:
                 _apply(G, layer, chain, dead, result)
+                G.refresh_shapes()
                 changed = True
         if not changed:
             break
