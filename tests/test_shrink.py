@@ -244,15 +244,22 @@ def test_shrinking_never_changes_outputs(case):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_initializers_listed_as_graph_inputs_are_not_sliced():
-    """Old exports list weights as graph inputs, which a caller may override: they keep their shape."""
+@pytest.mark.parametrize("ir", [3, 8])
+def test_initializers_listed_as_graph_inputs_shrink_with_their_declarations(ir):
+    """Old exports (IR 3 must) list weights as graph inputs too: their declared shapes follow."""
     nodes, inits = _cnn()
     inits["w1"][1] = 0
-    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    inits["w3"][2] = 0
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3], opset=9 if ir == 3 else 13)
+    m.ir_version = ir
     m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
     res = shrink_channels(m)
-    assert "w1" not in res.removed
-    assert _inits(res.model)["w1"].shape == (6, 3, 3, 3)
+    assert res.removed and _inits(res.model)["w1"].shape == (5, 3, 3, 3)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in res.model.graph.input}
+    for name, value in _inits(res.model).items():
+        assert declared[name] == list(value.shape), name
+    x = _f(2, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
 
 
 def test_biases_of_includes_batchnorm_scale_and_bias():
@@ -370,3 +377,17 @@ def test_reshape_with_a_target_computed_from_the_tensor():
     nodes[4] = helper.make_node("Concat", ["minus1", "n1"], ["target"], axis=0)
     m = _model(nodes, inits, ["N", 1, 5, 5], ["A", "B"])
     assert shrink_channels(m).removed == {}
+
+
+def test_blocked_layers_say_what_keeps_their_channels():
+    inits = {"w1": _f(4, 4, 1, 1), "w2": _f(4, 4, 1, 1)}
+    inits["w1"][1] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["c"]),
+        helper.make_node("Add", ["c", "r"], ["y"], name="residual"),
+    ]
+    res = shrink_channels(_model(nodes, inits, ["N", 4, 3, 3], ["N", 4, 3, 3]))
+    assert res.removed == {}
+    assert res.blocked == {"w1": "Add node 'residual'", "w2": "Add node 'residual'"}

@@ -297,7 +297,7 @@ def compress(
     grids = dict(engine.state.grids)
     shrunk = None
     if groups:  # structured pruning: remove the channels that no longer matter
-        proto, state, grids, shrunk = _shrink(proto, state, grids, val, log)
+        proto, state, grids, shrunk = _shrink(proto, state, grids, val, log, set(groups))
     sparse_ok = fmt == "codebook" or (fmt == "auto" and bool(grids or pruned) and _sparse_decoders_ok(proto))
     encodings = _encodings(fmt, grids, state, proto, sparse_ok)
     encodings.update(
@@ -477,7 +477,7 @@ def _same_outputs(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
-def _shrink(proto, state: dict, grids: dict, val: Dataset, log):
+def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
     """The pruned model with its removable channels removed (``export.shrink``), checked in onnxruntime
     against the unshrunk one on validation samples; returns (model, weights, grids, summary)."""
     import dataclasses
@@ -492,9 +492,14 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = shrink_channels(pruned)
+    blocked = {w: why for w, why in res.blocked.items() if w in structured}
+    for w, why in list(blocked.items())[:5]:
+        log(f"structured pruning: {w} keeps all its output channels (they reach {why})")
+    if len(blocked) > 5:
+        log(f"structured pruning: {len(blocked) - 5} more layers keep all their output channels")
     if not res.removed:
         log("structured pruning: no channel could be removed physically")
-        return proto, state, grids, {"channels_removed": {}, "checked": False}
+        return proto, state, grids, {"channels_removed": {}, "checked": False, "kept_whole": blocked}
     try:
         before, after = ortrun.session(pruned), ortrun.session(res.model)
         specs = ortrun.input_specs(before)
@@ -522,7 +527,8 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log):
             )
     removed = sum(res.removed.values())
     log(f"structured pruning: {removed} channels removed physically (outputs checked in onnxruntime, max diff {diff:.2g})")
-    return res.model, state, grids, {"channels_removed": dict(res.removed), "checked": True, "max_abs_diff": diff}
+    summary = {"channels_removed": dict(res.removed), "checked": True, "max_abs_diff": diff, "kept_whole": blocked}
+    return res.model, state, grids, summary
 
 
 def _storage(path: Path, original_params: dict | None = None) -> dict | None:

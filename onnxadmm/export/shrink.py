@@ -33,6 +33,7 @@ class ShrinkResult:
     model: onnx.ModelProto
     kept: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # weight -> axis -> kept indices
     removed: dict[str, int] = field(default_factory=dict)  # producing layer's weight -> channels removed
+    blocked: dict[str, str] = field(default_factory=dict)  # layer -> what keeps its channels (a reader)
 
 
 def _attrs(node) -> dict:
@@ -119,7 +120,8 @@ class _Graph:
                     self.uses[i] = self.uses.get(i, 0) + 1
         self.outputs = {o.name for o in g.output}
         self.producers = {o: n for n in g.node for o in n.output if o}
-        self.inputs = {i.name for i in g.input}  # old exports list initializers as (overridable) inputs
+        self.inputs = {i.name for i in g.input}  # old exports list initializers as graph inputs too
+        self.block = ""  # what stopped the last walk
         self.refresh_shapes()
 
     def refresh_shapes(self):
@@ -142,18 +144,24 @@ class _Graph:
     def own(self, name: str) -> bool:
         """An initializer read by exactly one node input, and not a graph input or output (so it can
         be sliced)."""
-        return (
-            name in self.inits
-            and self.uses.get(name, 0) == 1
-            and name not in self.inputs
-            and name not in self.outputs
-        )
+        return name in self.inits and self.uses.get(name, 0) == 1 and name not in self.outputs
 
     def set(self, name: str, arr: np.ndarray):
         t = self.inits[name]
         new = numpy_helper.from_array(arr.astype(self.values[name].dtype, copy=False), name)
         t.CopyFrom(new)
         self.values[name] = arr.astype(self.values[name].dtype, copy=False)
+        if name in self.inputs:  # an initializer also listed as a graph input (old exports): its new shape
+            self._declare(name, new)
+
+    def _declare(self, name: str, t: onnx.TensorProto):
+        vi = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+        for i, old in enumerate(self.g.input):
+            if old.name == name:
+                self.g.input[i].CopyFrom(vi)
+                return
+        self.g.input.append(vi)
+        self.inputs.add(name)
 
     def add_init(self, base: str, arr: np.ndarray) -> str:
         name, k = base, 0
@@ -163,6 +171,8 @@ class _Graph:
             name = f"{base}_{k}"
         t = numpy_helper.from_array(arr, name)
         self.g.initializer.append(t)
+        if self.model.ir_version < 4:  # IR 3: every initializer is also a graph input
+            self._declare(name, t)
         self.inits[name] = self.g.initializer[-1]
         self.values[name] = arr
         self.uses[name] = 1
@@ -246,16 +256,20 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
     seen = set()
     while todo:
         t, c, flat = todo.pop()
+        G.block = f"paths that meet again at {t!r}"
         if t in seen:
             return None  # re-convergent paths: not handled
         seen.add(t)
         chain.tensors.append(t)
+        G.block = f"graph output {t!r}"
         if t in G.outputs:
             return None
         readers = G.consumers.get(t, [])
+        G.block = f"{t!r}, which nothing reads"
         if not readers:
             return None
         for n in readers:
+            G.block = f"{n.op_type} node {n.name or n.output[0]!r}"  # the reason, if this one stops us
             if n.domain not in ("", "ai.onnx") or n.input[0] != t or list(n.input).count(t) > 1:
                 return None
             op, a = n.op_type, _attrs(n)
@@ -334,6 +348,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot))
             else:
                 return None
+    G.block = "no Conv/Gemm/MatMul reading it"
     return chain if chain.readers else None
 
 
@@ -463,6 +478,9 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
             if G.uses[old] == 0 and old not in G.outputs:  # the old target is read by nothing now
                 if old in G.inits:
                     G.g.initializer.remove(G.inits.pop(old))
+                    if old in G.inputs:
+                        G.g.input.remove(next(i for i in G.g.input if i.name == old))
+                        G.inputs.discard(old)
                 elif old in G.const_nodes:
                     G.g.node.remove(G.const_nodes.pop(old))
                 G.values.pop(old)
@@ -506,7 +524,9 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
             const = np.where(zero, bias, np.nan)
             chain = _walk(G, layer, const)
             if chain is None:
+                result.blocked[layer.weight] = G.block
                 continue
+            result.blocked.pop(layer.weight, None)
             dead = _removable(G, chain, n_ch)
             if len(dead) == n_ch:
                 dead = dead[1:]  # keep one channel: no zero-sized tensors
