@@ -391,3 +391,30 @@ def test_blocked_layers_say_what_keeps_their_channels():
     res = shrink_channels(_model(nodes, inits, ["N", 4, 3, 3], ["N", 4, 3, 3]))
     assert res.removed == {}
     assert res.blocked == {"w1": "Add node 'residual'", "w2": "Add node 'residual'"}
+
+
+def test_concat_of_two_layers_then_batchnorm_and_conv():
+    """SqueezeNet's fire module: two convolutions side by side (Concat), then BN and a reader; each
+    layer's removed filters are a slice of the reader's input channels and of the BN parameters."""
+    inits = {
+        "e1": _f(3, 2, 1, 1), "e3": _f(4, 2, 3, 3), "s": 1 + _f(7, scale=0.1), "bb": _f(7), "mu": _f(7),
+        "var": 1 + np.abs(_f(7)), "w": _f(2, 7, 3, 3), "b": _f(2),
+    }  # fmt: skip
+    inits["e1"][1] = 0  # output channel 1 of the Concat (constant after BN: folded, the reader is unpadded)
+    inits["e3"][[0, 2]] = 0  # output channels 3 and 5
+    inits["w"][:, 6] = 0  # the reader ignores channel 6, i.e. e3's filter 3
+    nodes = [
+        helper.make_node("Conv", ["x", "e1"], ["a1"]),
+        helper.make_node("Conv", ["x", "e3"], ["a3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a1", "a3"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "s", "bb", "mu", "var"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "w", "b"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 6, 6], ["N", 2, 4, 4])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["e1"].shape[0] == 2 and after["e3"].shape[0] == 1
+    assert after["w"].shape == (2, 3, 3, 3) and after["s"].shape == (3,)
+    x = _f(3, 2, 6, 6, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)

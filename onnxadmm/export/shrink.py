@@ -10,11 +10,13 @@ repeats until nothing changes, as a removed input channel can leave a filter con
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
 that nothing else uses; between them unary activations, Max/Average/global pooling, inference
-BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, and a Flatten (axis 1) or a Reshape
+BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, a Concat of channels (the layer's
+channels are then a slice of the readers' inputs), and a Flatten (axis 1) or a Reshape
 to (batch, features) before a dense layer: a constant target (initializer or Constant node) that
-static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A channel that reaches anything else (an Add of two branches, a Concat,
-a graph output, a grouped convolution) is kept, so residual and depthwise models shrink only where
-the chain is plain. The pass edits the ModelProto directly; callers check the result in onnxruntime.
+static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A
+channel that reaches anything else (an Add of two branches, a graph output, a grouped convolution)
+is kept, so residual and depthwise models shrink only where the chain is plain. The pass edits the
+ModelProto directly; callers check the result in onnxruntime.
 """
 
 from __future__ import annotations
@@ -239,23 +241,25 @@ class _Reader:
     const: np.ndarray  # per-channel constant reaching it (NaN: not constant)
     foldable: bool  # a constant input channel can be folded into its bias
     bias_slot: tuple | None  # how to fold: ("conv", name|None) / ("gemm", name|None, scale) / ("add", name)
+    offset: int = 0  # index of the producer's channel 0 in the reader's input channels (after a Concat)
 
 
 @dataclass
 class _Chain:
     readers: list = field(default_factory=list)
-    bns: list = field(default_factory=list)  # BatchNormalization nodes to slice
-    reshapes: list = field(default_factory=list)  # Reshape nodes whose target names the feature count
+    bns: list = field(default_factory=list)  # (BatchNormalization node, offset) to slice
+    reshapes: list = field(default_factory=list)  # (Reshape node, channels) whose target names the features
     tensors: list = field(default_factory=list)
 
 
 def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
     """Follow ``layer``'s output to the layers that read it; None if anything else reads it."""
     chain = _Chain()
-    todo = [(layer.out, const, False)]  # tensor, per-channel constants, flattened
+    # tensor, per-channel constants, flattened, offset of the layer's channel 0 in it, its channels
+    todo = [(layer.out, const, False, 0, const.size)]
     seen = set()
     while todo:
-        t, c, flat = todo.pop()
+        t, c, flat, off, total = todo.pop()
         G.block = f"paths that meet again at {t!r}"
         if t in seen:
             return None  # re-convergent paths: not handled
@@ -270,7 +274,9 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             return None
         for n in readers:
             G.block = f"{n.op_type} node {n.name or n.output[0]!r}"  # the reason, if this one stops us
-            if n.domain not in ("", "ai.onnx") or n.input[0] != t or list(n.input).count(t) > 1:
+            if n.domain not in ("", "ai.onnx") or list(n.input).count(t) > 1:
+                return None
+            if n.input[0] != t and n.op_type != "Concat":
                 return None
             op, a = n.op_type, _attrs(n)
             extra_outputs = [o for o in n.output[1:] if o and (G.consumers.get(o) or o in G.outputs)]
@@ -279,7 +285,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             f = _unary(n, G.values)
             if f is not None:
                 with np.errstate(all="ignore"):
-                    todo.append((n.output[0], f(c.copy()), flat))
+                    todo.append((n.output[0], f(c.copy()), flat, off, total))
             elif op in POOLS and layer.kind == "conv" and not flat:
                 pads = a.get("pads", [])
                 padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
@@ -287,39 +293,49 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                     c = np.where(c == 0, 0.0, np.nan)
                 if op in ("LpPool", "GlobalLpPool"):
                     c = np.where(c == 0, 0.0, np.nan)
-                todo.append((n.output[0], c, flat))
+                todo.append((n.output[0], c, flat, off, total))
             elif op == "BatchNormalization" and not flat and layer.node.op_type != "MatMul":
-                if len(n.input) < 5 or not all(G.own(i) and G.values[i].shape == c.shape for i in n.input[1:5]):
+                if len(n.input) < 5 or not all(G.own(i) and G.values[i].shape == (total,) for i in n.input[1:5]):
                     return None
                 if a.get("training_mode", 0):
                     return None
-                s, b, m, v = (G.values[i].astype(np.float64) for i in n.input[1:5])
+                s, b, m, v = (G.values[i].astype(np.float64)[off : off + c.size] for i in n.input[1:5])
                 eps = a.get("epsilon", 1e-5)
-                chain.bns.append(n)
-                todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat))
+                chain.bns.append((n, off))
+                todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat, off, total))
             elif op == "Flatten" and not flat and a.get("axis", 1) == 1 and layer.node.op_type != "MatMul":
-                todo.append((n.output[0], c, True))  # (a Gemm's output is 2-D: Flatten is the identity)
+                todo.append((n.output[0], c, True, off, total))  # (a Gemm's output is 2-D: Flatten is the identity)
             elif op == "Reshape" and not flat and layer.kind == "conv":
                 if n.input[1] in G.values:  # a constant target, rewritten after the channels go
-                    if not _flattens(G, t, G.values[n.input[1]].reshape(-1), c.size):
+                    if not _flattens(G, t, G.values[n.input[1]].reshape(-1), total):
                         return None
-                    chain.reshapes.append(n)
+                    chain.reshapes.append((n, total))
                 elif not _batch_flatten_target(G, n.input[1], G.producers):
                     return None  # (a computed [batch, -1] follows the tensor's own shape)
-                todo.append((n.output[0], c, True))
+                todo.append((n.output[0], c, True, off, total))
+            elif op == "Concat" and not flat and a.get("axis") == 1:
+                # channels of several layers side by side: ours start after those of the inputs before
+                counts = []
+                for i in n.input:
+                    shape = G.shapes.get(i) if i != t else [None, total]
+                    if not shape or len(shape) < 2 or not isinstance(shape[1], int):
+                        return None
+                    counts.append(shape[1])
+                k = list(n.input).index(t)
+                todo.append((n.output[0], c, flat, off + sum(counts[:k]), sum(counts)))
             elif op == "Shape" and not flat and not a.get("start", 0):
                 # read for its batch size only (x.view(x.size(0), -1)): the channel count is not used
                 if not all(_batch_index(G, g) for g in G.consumers.get(n.output[0], [])) or n.output[0] in G.outputs:
                     return None
             elif op == "Conv" and layer.kind == "conv" and not flat and G.own(n.input[1]):
-                if a.get("group", 1) != 1:
+                if a.get("group", 1) != 1 or G.values[n.input[1]].shape[1] != total:
                     return None
                 pads = a.get("pads", [])
                 padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
                 bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
                 if bias is not None and not G.own(bias):
                     return None
-                chain.readers.append(_Reader(n, "conv", n.input[1], 1, 1, c, not padded, ("conv", bias)))
+                chain.readers.append(_Reader(n, "conv", n.input[1], 1, 1, c, not padded, ("conv", bias), off))
             elif op in ("Gemm", "MatMul") and (flat or layer.kind == "fc") and len(n.input) > 1 and G.own(n.input[1]):
                 W = G.values[n.input[1]]
                 if W.ndim != 2:
@@ -339,13 +355,13 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                     ok = len(other) == 1 and G.own(other[0]) and n.output[0] not in G.outputs
                     slot = ("add", other[0] if ok else None)
                 K = W.shape[in_axis]
-                if K % c.size:
+                if K % total:
                     return None
-                block = K // c.size
+                block = K // total
                 if block != 1 and not flat:
                     return None
                 kind = "gemm" if op == "Gemm" else "matmul"
-                chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot))
+                chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot, off))
             else:
                 return None
     G.block = "no Conv/Gemm/MatMul reading it"
@@ -409,7 +425,7 @@ def _removable(G: _Graph, chain: _Chain, n_ch: int) -> list[int]:
     for ch in range(n_ch):
         ok = True
         for r in chain.readers:
-            if not np.any(_slab(G.values[r.weight], r.in_axis, ch, r.block)):
+            if not np.any(_slab(G.values[r.weight], r.in_axis, r.offset + ch, r.block)):
                 continue
             c = r.const[ch]
             if np.isnan(c) or not (c == 0 or r.foldable):
@@ -429,14 +445,14 @@ def _fold(G: _Graph, r: _Reader, dead: list[int]):
         for ch in dead:
             c = r.const[ch]
             if c and not np.isnan(c):
-                add += c * W[:, ch].reshape(n_out, -1).sum(axis=1)
+                add += c * W[:, r.offset + ch].reshape(n_out, -1).sum(axis=1)
     else:
         n_out = W.shape[1 - r.in_axis]
         add = np.zeros(n_out)
         for ch in dead:
             c = r.const[ch]
             if c and not np.isnan(c):
-                add += c * _slab(W, r.in_axis, ch, r.block).sum(axis=r.in_axis)
+                add += c * _slab(W, r.in_axis, r.offset + ch, r.block).sum(axis=r.in_axis)
     if not np.any(add):
         return
     kind, bias = r.bias_slot[0], r.bias_slot[1]
@@ -457,20 +473,23 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
     keep = np.array([i for i in range(n_ch) if i not in set(dead)], dtype=np.int64)
     for r in chain.readers:
         _fold(G, r, dead)
-        cols = np.concatenate([np.arange(k * r.block, (k + 1) * r.block) for k in keep])
+        K = G.values[r.weight].shape[r.in_axis]
+        gone = {(r.offset + d) * r.block + j for d in dead for j in range(r.block)}
+        cols = np.array([k for k in range(K) if k not in gone], dtype=np.int64)
         G.set(r.weight, np.take(G.values[r.weight], cols, axis=r.in_axis))
         _record(result, r.weight, r.in_axis, cols)
     G.set(layer.weight, np.take(G.values[layer.weight], keep, axis=layer.out_axis))
     _record(result, layer.weight, layer.out_axis, keep)
     if layer.bias is not None and G.values[layer.bias].size == n_ch and n_ch > 1:
         G.set(layer.bias, G.values[layer.bias].reshape(-1)[keep])
-    for bn in chain.bns:
+    for bn, off in chain.bns:
         for i in bn.input[1:5]:
-            G.set(i, G.values[i][keep])
-    for rs in chain.reshapes:
+            rest = np.array([k for k in range(G.values[i].size) if k - off not in set(dead)], dtype=np.int64)
+            G.set(i, G.values[i][rest])
+    for rs, channels in chain.reshapes:
         target = G.values[rs.input[1]].reshape(-1).copy()
         if target[1] != -1:
-            target[1] = -1 if target[0] != -1 else target[1] // n_ch * len(keep)
+            target[1] = -1 if target[0] != -1 else target[1] - len(dead) * (target[1] // channels)
             old = rs.input[1]
             name = G.add_init(f"{old}_shrunk", target.astype(np.int64))
             G.uses[old] -= 1
