@@ -192,7 +192,6 @@ class _Layer:
     in_axis: int
     bias: str | None  # 1-D initializer, one value per output channel, or a scalar
     out: str  # the tensor the channels live in (after a bias Add)
-    block: int = 1  # fc readers: features per channel
 
 
 def _producer(G: _Graph, node) -> _Layer | None:
@@ -313,7 +312,8 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 elif not _batch_flatten_target(G, n.input[1], G.producers):
                     return None  # (a computed [batch, -1] follows the tensor's own shape)
                 todo.append((n.output[0], c, True, off, total))
-            elif op == "Concat" and not flat and a.get("axis") == 1:
+            elif op == "Concat" and not flat and a.get("axis") == 1 and layer.node.op_type != "MatMul":
+                # (a MatMul's channels are its output's last axis, whatever its rank)
                 # channels of several layers side by side: ours start after those of the inputs before
                 counts = []
                 for i in n.input:
