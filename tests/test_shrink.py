@@ -418,3 +418,26 @@ def test_concat_of_two_layers_then_batchnorm_and_conv():
     assert after["w"].shape == (2, 3, 3, 3) and after["s"].shape == (3,)
     x = _f(3, 2, 6, 6, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner,attrs", [("Sigmoid", {}), ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5})])
+def test_swish_written_as_mul_of_the_tensor_and_its_gate(inner, attrs):
+    """SiLU (x * sigmoid(x)) and HardSwish (x * hardsigmoid(x)) as two nodes are followed as one."""
+    inits = {"w1": _f(4, 3, 3, 3), "b1": _f(4), "w2": _f(2, 4, 3, 3), "b2": _f(2)}
+    inits["w1"][1] = 0  # constant b1[1] * f(b1[1]) after the activation: folded into b2
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"]),
+        helper.make_node(inner, ["a"], ["g"], **attrs),
+        helper.make_node("Mul", ["g", "a"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 4, 4])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1}
+    x = _f(2, 3, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+    # the gate read by something else too (a second reader of g): refused
+    nodes.append(helper.make_node("Identity", ["g"], ["g2"]))
+    m2 = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 4, 4])
+    m2.graph.output.append(helper.make_tensor_value_info("g2", TensorProto.FLOAT, None))
+    assert shrink_channels(m2).removed == {}

@@ -275,14 +275,20 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             G.block = f"{n.op_type} node {n.name or n.output[0]!r}"  # the reason, if this one stops us
             if n.domain not in ("", "ai.onnx") or list(n.input).count(t) > 1:
                 return None
-            if n.input[0] != t and n.op_type != "Concat":
+            gate = _gate(G, n, t)
+            if gate == "inner":
+                continue  # the f(t) of a t * f(t) (SiLU, HardSwish): followed at the Mul
+            if n.input[0] != t and n.op_type != "Concat" and gate is None:
                 return None
             op, a = n.op_type, _attrs(n)
             extra_outputs = [o for o in n.output[1:] if o and (G.consumers.get(o) or o in G.outputs)]
             if extra_outputs:
                 return None
             f = _unary(n, G.values)
-            if f is not None:
+            if gate is not None:  # t * f(t): a channel-wise activation written as two nodes
+                with np.errstate(all="ignore"):
+                    todo.append((n.output[0], c * gate(c.copy()), flat, off, total))
+            elif f is not None:
                 with np.errstate(all="ignore"):
                     todo.append((n.output[0], f(c.copy()), flat, off, total))
             elif op in POOLS and layer.kind == "conv" and not flat:
@@ -366,6 +372,31 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 return None
     G.block = "no Conv/Gemm/MatMul reading it"
     return chain if chain.readers else None
+
+
+def _gate(G: _Graph, n, t: str):
+    """For a node reading ``t``: "inner" if it is the f in a t * f(t) (Swish/SiLU as Sigmoid and Mul,
+    HardSwish as HardSigmoid and Mul: f unary, read by that Mul only); for that Mul, the function f;
+    else None."""
+    def inner_of(mul):
+        if mul.op_type != "Mul" or len(mul.input) != 2 or list(mul.input).count(t) != 1:
+            return None
+        other = mul.input[1] if mul.input[0] == t else mul.input[0]
+        p = G.producers.get(other)
+        if p is None or not p.input or p.input[0] != t or _unary(p, G.values) is None:
+            return None
+        if len(G.consumers.get(other, [])) != 1 or other in G.outputs or p.op_type in ("Mul", "Add", "Sub", "Div"):
+            return None
+        return p
+
+    if n.op_type == "Mul":
+        p = inner_of(n)
+        return None if p is None else _unary(p, G.values)
+    if _unary(n, G.values) is not None and n.output:
+        readers = G.consumers.get(n.output[0], [])
+        if len(readers) == 1 and inner_of(readers[0]) is n:
+            return "inner"
+    return None
 
 
 def _flattens(G: _Graph, t: str, target: np.ndarray, channels: int) -> bool:
