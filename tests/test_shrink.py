@@ -441,3 +441,37 @@ def test_swish_written_as_mul_of_the_tensor_and_its_gate(inner, attrs):
     m2 = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 4, 4])
     m2.graph.output.append(helper.make_tensor_value_info("g2", TensorProto.FLOAT, None))
     assert shrink_channels(m2).removed == {}
+
+
+def test_depthwise_convolution_between_two_layers():
+    """MobileNet's block: 1x1 expand, BN, ReLU6, 3x3 depthwise (padded), BN, ReLU6, 1x1 project. An
+    expand filter that is exactly 0 goes, with its depthwise filter and BN entries; one that is a
+    non-zero constant cannot cross the padded depthwise filter exactly and stays."""
+    inits = {
+        "w1": _f(6, 3, 1, 1), "b1": _f(6), "s1": 1 + _f(6, scale=0.1), "o1": _f(6), "m1": _f(6),
+        "v1": 1 + np.abs(_f(6)), "wd": _f(6, 1, 3, 3), "bd": _f(6), "s2": 1 + _f(6, scale=0.1), "o2": _f(6),
+        "m2": _f(6), "v2": 1 + np.abs(_f(6)), "wp": _f(4, 6, 1, 1), "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+    }  # fmt: skip
+    for k in ("w1", "b1", "s1", "o1"):
+        inits[k][[1, 4]] = 0  # zeroed with their BN scale and bias, as training does
+    inits["w1"][2] = 0  # a constant b1[2] that BN and ReLU6 keep positive: it stays
+    inits["b1"][2], inits["s1"][2], inits["o1"][2] = inits["m1"][2] + 1, 1.0, 0.5
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"]),
+        helper.make_node("BatchNormalization", ["a", "s1", "o1", "m1", "v1"], ["n1"]),
+        helper.make_node("Clip", ["n1", "lo", "hi"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd", "bd"], ["d"], group=6, pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["d", "s2", "o2", "m2", "v2"], ["n2"]),
+        helper.make_node("Clip", ["n2", "lo", "hi"], ["r2"]),
+        helper.make_node("Conv", ["r2", "wp"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, 5, 5], ["N", 4, 5, 5])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w1"].shape[0] == 4 and after["wd"].shape[0] == 4 and after["wp"].shape[1] == 4
+    assert after["s2"].shape == (4,) and after["bd"].shape == (4,)
+    dw = next(n for n in res.model.graph.node if n.input[1] == "wd")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 4
+    x = _f(2, 3, 5, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)

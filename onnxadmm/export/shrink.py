@@ -10,12 +10,13 @@ repeats until nothing changes, as a removed input channel can leave a filter con
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
 that nothing else uses; between them unary activations, Max/Average/global pooling, inference
-BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, a Concat of channels (the layer's
+BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, t * f(t) activations (SiLU,
+HardSwish), depthwise convolutions (sliced with the channel), a Concat of channels (the layer's
 channels are then a slice of the readers' inputs), and a Flatten (axis 1) or a Reshape
 to (batch, features) before a dense layer: a constant target (initializer or Constant node) that
 static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A
-channel that reaches anything else (an Add of two branches, a graph output, a grouped convolution)
-is kept, so residual and depthwise models shrink only where the chain is plain. The pass edits the
+channel that reaches anything else (an Add of two branches, a graph output, another grouped
+convolution) is kept, so residual and depthwise models shrink only where the chain is plain. The pass edits the
 ModelProto directly; callers check the result in onnxruntime.
 """
 
@@ -248,6 +249,7 @@ class _Chain:
     readers: list = field(default_factory=list)
     bns: list = field(default_factory=list)  # (BatchNormalization node, offset) to slice
     reshapes: list = field(default_factory=list)  # (Reshape node, channels) whose target names the features
+    depthwise: list = field(default_factory=list)  # (depthwise Conv node, offset) to slice
     tensors: list = field(default_factory=list)
 
 
@@ -308,6 +310,18 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 eps = a.get("epsilon", 1e-5)
                 chain.bns.append((n, off))
                 todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat, off, total))
+            elif op == "Conv" and layer.kind == "conv" and not flat and _depthwise(G, n, total):
+                # one filter per channel (MobileNet): a channel-wise op whose filter and bias go too
+                W = G.values[n.input[1]].astype(np.float64)[off : off + c.size]
+                bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+                b = G.values[bias].astype(np.float64)[off : off + c.size] if bias else np.zeros(c.size)
+                pads = a.get("pads", [])
+                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                k = W.reshape(c.size, -1).sum(axis=1)
+                # a constant through the filter: c * sum(filter) + bias, except at padded borders (0 stays 0)
+                out = np.where(c == 0, b, np.nan) if padded else c * k + b
+                chain.depthwise.append((n, off))
+                todo.append((n.output[0], out, flat, off, total))
             elif op == "Flatten" and not flat and a.get("axis", 1) == 1 and layer.node.op_type != "MatMul":
                 todo.append((n.output[0], c, True, off, total))  # (a Gemm's output is 2-D: Flatten is the identity)
             elif op == "Reshape" and not flat and layer.kind == "conv":
@@ -372,6 +386,18 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 return None
     G.block = "no Conv/Gemm/MatMul reading it"
     return chain if chain.readers else None
+
+
+def _depthwise(G: _Graph, n, channels: int) -> bool:
+    """A Conv with one filter per input channel (group = channels, weight [channels, 1, ...]) whose
+    weight and bias nothing else uses."""
+    if len(n.input) < 2 or not G.own(n.input[1]) or _attrs(n).get("group", 1) != channels or channels < 2:
+        return False
+    W = G.values[n.input[1]]
+    if W.ndim < 3 or W.shape[0] != channels or W.shape[1] != 1:
+        return False
+    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    return bias is None or (G.own(bias) and G.values[bias].shape == (channels,))
 
 
 def _gate(G: _Graph, n, t: str):
@@ -517,6 +543,13 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
         for i in bn.input[1:5]:
             rest = np.array([k for k in range(G.values[i].size) if k - off not in set(dead)], dtype=np.int64)
             G.set(i, G.values[i][rest])
+    for dw, off in chain.depthwise:
+        for i in [x for x in dw.input[1:3] if x]:
+            rest = np.array([k for k in range(G.values[i].shape[0]) if k - off not in set(dead)], dtype=np.int64)
+            G.set(i, G.values[i][rest])
+        for attr in dw.attribute:
+            if attr.name == "group":
+                attr.i -= len(dead)
     for rs, channels in chain.reshapes:
         target = G.values[rs.input[1]].reshape(-1).copy()
         if target[1] != -1:
