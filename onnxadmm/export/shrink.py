@@ -16,7 +16,7 @@ channels are then a slice of the readers' inputs), and a Flatten (axis 1) or a R
 to (batch, features) before a dense layer: a constant target (initializer or Constant node) that
 static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A
 channel that reaches anything else (an Add of two branches, a graph output, another grouped
-convolution) is kept, so residual and depthwise models shrink only where the chain is plain. The pass edits the
+convolution) is kept, so residual models shrink inside their blocks only. The pass edits the
 ModelProto directly; callers check the result in onnxruntime.
 """
 
