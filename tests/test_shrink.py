@@ -475,3 +475,18 @@ def test_depthwise_convolution_between_two_layers():
     assert next(a.i for a in dw.attribute if a.name == "group") == 4
     x = _f(2, 3, 5, 5, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_removable_channels_says_what_keeps_each_layer():
+    from onnxadmm.export.shrink import removable_channels
+
+    nodes, inits = _cnn()
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
+    got = removable_channels(m)
+    assert got == {"w1": None, "w2": None, "w3": None, "w4": "graph output 'y'"}
+    # the inspect command shows it per layer
+    from onnxadmm.validate.inspect import describe, format_description
+
+    d = describe(m)
+    assert [x["channels_kept_by"] for x in d["layers"]] == [None, None, None, "graph output 'y'"]
+    assert "kept: graph output 'y'" in format_description(d)

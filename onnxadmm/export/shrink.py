@@ -653,3 +653,29 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
                 break
             t = p.input[0]
     return out
+
+
+def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
+    """{layer weight: None if structured pruning can remove its output channels from the file, else
+    what keeps them}: the question ``onnxadmm inspect`` answers before a run."""
+    G = _Graph(model)
+    out: dict[str, str | None] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w not in G.values or w in out:
+            continue
+        layer = _producer(G, node)
+        if layer is None:
+            if node.op_type == "ConvTranspose":
+                out[w] = "a ConvTranspose (not handled)"
+            elif node.op_type == "Conv" and _attrs(node).get("group", 1) != 1:
+                out[w] = "a grouped convolution"
+            else:
+                out[w] = "its weights or bias are shared, not an initializer, or a graph output"
+            continue
+        n_ch = G.values[layer.weight].shape[layer.out_axis]
+        chain = _walk(G, layer, np.full(n_ch, np.nan))
+        out[w] = None if chain is not None else G.block
+    return out

@@ -28,6 +28,12 @@ def describe(path) -> dict:
     packed = sorted({t.name for t in model.graph.initializer} - {t.name for t in written.graph.initializer})
     g = model.graph
     weights = analysis.find_weights(model)
+    try:
+        from ..export.shrink import removable_channels
+
+        channels = removable_channels(model)
+    except Exception:  # noqa: BLE001 - a hint only: never fail inspect over it
+        channels = {}
     layers = [
         {
             "name": w.name,
@@ -36,6 +42,8 @@ def describe(path) -> dict:
             "shape": list(w.shape),
             "params": w.params,
             "dtype": onnx.TensorProto.DataType.Name(w.dtype),
+            # structured pruning: can its output channels leave the file? (None: yes; else what keeps them)
+            "channels_kept_by": channels.get(w.name, "not the weight operand of its layer"),
         }
         for w in weights
         if w.compressible
@@ -91,9 +99,11 @@ def format_description(d: dict) -> str:
         w = max(len(x["name"]) for x in d["layers"])
         w = min(max(w, 5), 60)
         lines.append("")
-        lines.append(f"{'layer':<{w}}  {'op':<14} {'shape':<22} {'params':>10}")
+        lines.append(f"{'layer':<{w}}  {'op':<14} {'shape':<22} {'params':>10}  output channels (--structure)")
         for x in d["layers"]:
-            lines.append(f"{x['name'][:w]:<{w}}  {x['op']:<14} {str(x['shape']):<22} {x['params']:>10,}")
+            why = x.get("channels_kept_by")
+            ch = "removable" if why is None else f"kept: {why}"
+            lines.append(f"{x['name'][:w]:<{w}}  {x['op']:<14} {str(x['shape']):<22} {x['params']:>10,}  {ch}")
     t = d["totals"]
     lines.append("")
     lines.append(
