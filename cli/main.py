@@ -365,7 +365,7 @@ def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale,
     except ValueError:
         raise click.BadParameter(f"{batch_sizes!r}: expected e.g. 1,32", param_hint="--batch-sizes") from None
     provs = tuple(p.strip() for p in providers.split(",") if p.strip())
-    ds, note, work = None, None, None
+    ds, note, work, original_reference = None, None, None, reference
     if data:
         proto = load_model(model)
         options = _data_options(scale, mean, std, layout)
@@ -394,8 +394,13 @@ def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale,
     finally:
         if work:
             shutil.rmtree(work, ignore_errors=True)
-    if note:
-        d["model"] = model
+    if note:  # the files the user named, not the extracted copies
+        from onnxadmm.validate.evaluate import file_bytes
+
+        d["model"], d["file_bytes"] = model, file_bytes(model)
+        if d.get("reference") and original_reference:
+            d["reference"]["model"] = original_reference
+            d["reference"]["file_bytes"] = file_bytes(original_reference)
         d["notes"].insert(0, note)
     _emit_json(d) if as_json else click.echo(format_evaluation(d))
 

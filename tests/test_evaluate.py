@@ -337,4 +337,6 @@ def test_cli_scores_the_logits_of_a_model_whose_output_needs_labels(tmp_path, di
     d = json.loads(r.stdout)
     assert d["accuracy"] == pytest.approx(_direct_accuracy(digits))
     assert d["agreement"] == 1.0 and d["model"] == str(path)
+    assert d["file_bytes"] == path.stat().st_size == d["reference"]["file_bytes"]
+    assert d["reference"]["model"] == str(path)
     assert "scored output(s) logits computed from input" in d["notes"][0]
