@@ -10,6 +10,9 @@ Fixtures:
 - ``mnist``: path of the MNIST test data ``shared/data/mnist.npz``.
 - ``binary_digits_model(path, sigmoid)``: writes a one-output-column classifier built on the
   bundled digits CNN (importable: ``from conftest import binary_digits_model``).
+- ``one_torch_thread``: torch limited to one intra-op thread for a test module (tiny models train
+  ~30x slower on a busy machine with the default threads); modules that train opt in with
+  ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
 - ``shared_model``: parametrizes a test over every model of the manifest; the value is the
   manifest entry with an added ``"path"`` (a ``Path``). Ids are the model files.
 """
@@ -73,6 +76,16 @@ def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (set ONNXADMM_SHARED to the shared/ folder)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ from onnxadmm.importer.graph import OnnxGraphModule
 from onnxadmm.modelio import load_model
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models train on one thread
 WEIGHTS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
 SIZES = {"conv1.weight": 144, "conv2.weight": 4608, "fc1.weight": 32768, "fc2.weight": 640}
 FAST = {
@@ -139,15 +140,6 @@ def check_output_matches_report(out: Path, rep: dict) -> None:
         assert list(w[x["name"]].shape) == x["shape"]
         assert int(np.count_nonzero(w[x["name"]])) == x["nonzero"], x["name"]
     assert rep["file_bytes"]["compressed"] == out.stat().st_size
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train ~30x slower on a busy machine with torch's default intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

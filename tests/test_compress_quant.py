@@ -26,6 +26,7 @@ from onnxadmm.importer.graph import OnnxGraphModule
 from onnxadmm.modelio import load_model
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models train on one thread
 WEIGHTS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
 SIZES = {"conv1.weight": 144, "conv2.weight": 4608, "fc1.weight": 32768, "fc2.weight": 640}
 FAST = {"admm_iterations": 2, "retrain_epochs": 1, "min_batches": 1, "max_batches_per_epoch": 2, "batch_size": 64}
@@ -48,14 +49,6 @@ def onnx_weights(path: Path) -> dict[str, np.ndarray]:
         x = np.zeros((1, 1, 8, 8), np.float32)
         out.update(zip(rest, sess.run(rest, {sess.get_inputs()[0].name: x})))
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(tmp_path, name, **kw) -> tuple[dict, dict[str, np.ndarray]]:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 from onnxadmm_cli.main import cli
@@ -20,13 +19,7 @@ from onnxadmm.compress.pipeline import compress
 from onnxadmm.data import input_specs_of, load_data
 from onnxadmm.modelio import load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models train on one thread
 
 
 @pytest.fixture(scope="module")
