@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..importer.analysis import _producers
+
 __all__ = ["shrink_channels", "ShrinkResult"]
 
 
@@ -98,6 +100,11 @@ def _unary(node, consts) -> callable | None:
     return None
 
 
+def _padded(attrs: dict) -> bool:
+    """Whether a Conv or pooling node pads its input (explicit pads, or SAME auto-padding)."""
+    return any(attrs.get("pads", [])) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+
+
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 
 
@@ -122,7 +129,7 @@ class _Graph:
                     self.consumers.setdefault(i, []).append(n)
                     self.uses[i] = self.uses.get(i, 0) + 1
         self.outputs = {o.name for o in g.output}
-        self.producers = {o: n for n in g.node for o in n.output if o}
+        self.producers = _producers(g)
         self.inputs = {i.name for i in g.input}  # old exports list initializers as graph inputs too
         self.block = ""  # what stopped the last walk
         self.refresh_shapes()
@@ -294,8 +301,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 with np.errstate(all="ignore"):
                     todo.append((n.output[0], f(c.copy()), flat, off, total))
             elif op in POOLS and layer.kind == "conv" and not flat:
-                pads = a.get("pads", [])
-                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                padded = _padded(a)
                 if op == "AveragePool" and padded and a.get("count_include_pad", 0):
                     c = np.where(c == 0, 0.0, np.nan)
                 if op in ("LpPool", "GlobalLpPool"):
@@ -315,8 +321,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 W = G.values[n.input[1]].astype(np.float64)[off : off + c.size]
                 bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
                 b = G.values[bias].astype(np.float64)[off : off + c.size] if bias else np.zeros(c.size)
-                pads = a.get("pads", [])
-                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                padded = _padded(a)
                 k = W.reshape(c.size, -1).sum(axis=1)
                 # a constant through the filter: c * sum(filter) + bias, except at padded borders (0 stays 0)
                 out = np.where(c == 0, b, np.nan) if padded else c * k + b
@@ -350,8 +355,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             elif op == "Conv" and layer.kind == "conv" and not flat and G.own(n.input[1]):
                 if a.get("group", 1) != 1 or G.values[n.input[1]].shape[1] != total:
                     return None
-                pads = a.get("pads", [])
-                padded = any(pads) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                padded = _padded(a)
                 bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
                 if bias is not None and not G.own(bias):
                     return None
@@ -628,7 +632,6 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
     convolution's channel count. Their input features come in one block per channel, so channel
     pruning can treat each block as one group and remove whole channels."""
     G = _Graph(model)
-    producers = {o: n for n in model.graph.node for o in n.output if o}
     out: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in G.values:
@@ -639,7 +642,7 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
         in_axis = 1 if node.op_type == "Gemm" and _attrs(node).get("transB", 0) else 0
         t, flat = node.input[0], False
         for _ in range(64):
-            p = producers.get(t)
+            p = G.producers.get(t)
             if p is None:
                 break
             if p.op_type == "Conv" and len(p.input) > 1 and p.input[1] in G.values:

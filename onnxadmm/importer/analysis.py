@@ -197,6 +197,15 @@ def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[onnx.NodePr
     return [n for n in graph.node if id(n) in keep]
 
 
+def _consumers(graph) -> dict[str, list]:
+    """{tensor name: the nodes that read it} (a node reading a tensor twice is listed twice)."""
+    c: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            c.setdefault(i, []).append(n)
+    return c
+
+
 def _producers(graph):
     p = {}
     for n in graph.node:
@@ -402,11 +411,10 @@ def biases_of(model: onnx.ModelProto) -> dict[str, list[str]]:
     graph = model.graph
     consts = constant_types(graph)
     producers = _producers(graph)
-    consumers: dict[str, list] = {}
+    consumers = _consumers(graph)
     uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
-            consumers.setdefault(i, []).append(n)
             src = resolve_source(i, producers, consts) if i else None
             if src is not None:
                 uses[src] = uses.get(src, 0) + 1
@@ -449,10 +457,7 @@ def last_layers(model: onnx.ModelProto, weights: list[WeightInfo]) -> set[str]:
     """Compressible weights whose layer's output reaches no other compressible layer: the classifier
     heads, whose output units (the classes) filter pruning must not remove."""
     graph = model.graph
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(graph)
     layer_nodes: dict[int, str] = {}
     by_name = {w.name for w in weights if w.compressible}
     producers = _producers(graph)
