@@ -177,7 +177,7 @@ class Engine:
     def apply_masks(self):
         with torch.no_grad():
             for n, mask in self.state.masks.items():
-                (self.params.get(n) if n in self.params else self.bias_params[n]).mul_(mask)
+                (self.params[n] if n in self.params else self.bias_params[n]).mul_(mask)
 
     def support(self, n: str, w: torch.Tensor, keep: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Entries of layer ``n`` kept at ``keep`` weights: the largest magnitudes, or with structured
@@ -201,7 +201,7 @@ class Engine:
         if len(out) != 1:
             return
         alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
-        for b in self.biases.get(n, []):
+        for b in self.biases[n]:
             p = self.bias_params[b]
             if p.numel() == alive.numel():
                 self.state.masks[b] = alive.reshape(p.shape)
