@@ -155,6 +155,13 @@ def _defaults():
     "channels are cut out of the ONNX layers, which become physically smaller. [default: none]",
 )
 @click.option(
+    "--shrink/--no-shrink",
+    default=None,
+    help="Cut the channels that pruning leaves without effect (a filter pruned whole, an input no "
+    "weight reads) out of the written layers, checked in onnxruntime. --no-shrink keeps every layer's "
+    "shape. [default: --shrink]",
+)
+@click.option(
     "--bits",
     type=click.IntRange(1, 8),
     help="Quantize the (remaining) weights to N-bit uniform levels with ADMM; 1 binarizes to {-q, +q}.",

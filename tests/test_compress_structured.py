@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 from onnxadmm_cli.main import cli
-from test_compress import FAST, MODEL, onnx_weights
+from test_compress import FAST, FAST_TOML, MODEL, onnx_weights
 
 from onnxadmm.compress.pipeline import compress
 from onnxadmm.data import input_specs_of, load_data
@@ -192,3 +192,56 @@ def test_structured_pruning_of_real_mnist_models(models_dir, mnist, tmp_path, na
     assert sum(rep["shrunk"]["channels_removed"].values()) > 0
     assert any("shape_after" in x for x in rep["layers"])
     assert rep["accuracy"]["compressed"] is not None
+
+
+@pytest.fixture(scope="module")
+def dead_channel_runs(tmp_path_factory):
+    """Unstructured pruning with conv2 pruned 300x: most of its filters lose every weight, and fc1
+    then has inputs no weight reads. The same run with and without --shrink."""
+    d = tmp_path_factory.mktemp("dead")
+    runs = {}
+    for shrink in (True, False):
+        out = d / f"shrink_{shrink}.onnx"
+        logs: list[str] = []
+        rep = compress(
+            MODEL, out, "digits", rate="4x", layer_rates={"conv2.weight": "300x"}, shrink=shrink,
+            log=logs.append, **FAST,
+        )  # fmt: skip
+        runs[shrink] = {"rep": rep, "out": out, "logs": logs}
+    return runs
+
+
+def test_unstructured_pruning_removes_dead_channels(dead_channel_runs, digits):
+    on, off = dead_channel_runs[True], dead_channel_runs[False]
+    rep = on["rep"]
+    assert rep["structure"] == "none" and rep["shrunk"]["checked"]
+    assert rep["shrunk"]["channels_removed"].get("conv2.weight", 0) > 0
+    w = onnx_weights(on["out"])
+    by = {x["name"]: x for x in rep["layers"]}
+    assert list(w["conv2.weight"].shape) == by["conv2.weight"]["shape_after"]
+    assert w["conv2.weight"].shape[0] < 32
+    # no all-zero filter is left in conv2: the dead ones were cut out, not stored as zeros
+    assert np.abs(w["conv2.weight"]).reshape(w["conv2.weight"].shape[0], -1).sum(1).all()
+    assert any("pruning: " in s and "channels removed physically" in s for s in on["logs"])
+    # --no-shrink: every layer keeps its shape, and the two files compute the same function
+    assert off["rep"]["shrunk"] is None
+    assert all("shape_after" not in x for x in off["rep"]["layers"])
+    assert list(onnx_weights(off["out"])["conv2.weight"].shape) == [32, 16, 3, 3]
+    x = digits[0][:200]
+    a, b = _logits(on["out"], x), _logits(off["out"], x)
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())))
+    assert on["rep"]["file_bytes"]["compressed"] < off["rep"]["file_bytes"]["compressed"]
+
+
+def test_cli_no_shrink_option(tmp_path):
+    out = tmp_path / "o.onnx"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(FAST_TOML + '[layers]\n"conv2.weight" = {rate = "300x"}\n')
+    res = CliRunner().invoke(
+        cli, ["compress", str(MODEL), str(out), "--rate", "4x", "--data", "digits", "--config", str(cfg),
+              "--no-shrink", "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    assert rep["config"]["shrink"] is False and rep["shrunk"] is None
+    assert list(onnx_weights(out)["conv2.weight"].shape) == [32, 16, 3, 3]

@@ -42,6 +42,7 @@ class CompressConfig:
     bits: int | None = None  # quantize the (remaining) weights to this many bits; 1 = binarize {-q, +q}
     clusters: int | None = None  # or share at most this many values per layer (k-means centroids)
     structure: str = "none"  # none | filter | channel | shape: prune single weights or whole groups
+    shrink: bool = True  # cut channels that pruning left without effect out of the written layers
     granularity: str = "tensor"  # tensor | channel: one quantization step per layer or per output channel
     edge_bits: int | None = None  # bits for the first and last compressible layers (None: as --bits)
     layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates

@@ -296,8 +296,13 @@ def compress(
     pruned = {n for n in sizes if final[n] < sizes[n]}
     grids = dict(engine.state.grids)
     shrunk = None
-    if groups:  # structured pruning: remove the channels that no longer matter
+    original = proto  # the input model, kept apart: shrink hands back a new graph
+    trained = {w.name: int(np.count_nonzero(state[w.name])) for w in weights}
+    if cfg.shrink and (groups or _dead_slices(state, weights)):  # remove the channels that no longer matter
         proto, state, grids, shrunk = _shrink(proto, state, grids, val, log, set(groups))
+        # non-zero weights that went with the channels: a reader's weights on a constant channel,
+        # whose contribution now sits in its bias
+        shrunk["nonzero_removed"] = sum(trained.values()) - sum(int(np.count_nonzero(state[n])) for n in trained)
     sparse_ok = fmt == "codebook" or (fmt == "auto" and bool(grids or pruned) and _sparse_decoders_ok(proto))
     encodings = _encodings(fmt, grids, state, proto, sparse_ok)
     encodings.update(
@@ -308,7 +313,7 @@ def compress(
     ref_path = in_path
     if out_path.exists() and out_path.resolve() == in_path.resolve():
         ref_path = work / "original.onnx"  # --force over the input: keep the original as the reference
-        save_model(proto, ref_path)
+        save_model(original, ref_path)
     original_bytes = file_bytes(in_path)
     int8_info = None
     if fmt == "int8":
@@ -365,8 +370,10 @@ def compress(
                 "rate": w.params / max(nz, 1),
             }
         )
-        if tuple(np.shape(state[w.name])) != tuple(w.shape):  # physically smaller after structured pruning
+        if tuple(np.shape(state[w.name])) != tuple(w.shape):  # physically smaller after shrink
             layers[-1]["shape_after"] = list(np.shape(state[w.name]))
+        if nz != trained[w.name]:  # weights on channels cut out, folded into a bias
+            layers[-1]["nonzero_trained"] = trained[w.name]
     total = sum(x["params"] for x in layers)
     nonzero = sum(x["nonzero"] for x in layers)
     others = [w for w in module.weights if not w.compressible]
@@ -477,9 +484,28 @@ def _same_outputs(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
+def _dead_slices(state: dict, weights) -> bool:
+    """Whether a compressible layer has a filter or an input channel with no non-zero weight left
+    (what :func:`_shrink` may cut out); a cheap test that spares the export of models without any."""
+    for w in weights:
+        a = np.asarray(state[w.name])
+        for axis in {w.out_axis, w.in_axis} - {None}:
+            if (
+                a.ndim > axis
+                and a.shape[axis] > 1
+                and not np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).any(1).all()
+            ):
+                return True
+    return False
+
+
 def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
     """The pruned model with its removable channels removed (``export.shrink``), checked in onnxruntime
-    against the unshrunk one on validation samples; returns (model, weights, grids, summary)."""
+    against the unshrunk one on validation samples; returns (model, weights, grids, summary).
+
+    ``structured``: the layers pruned in whole groups; the log names those that keep all their
+    channels. Unstructured pruning at high rates leaves dead channels too (a filter with no weight
+    left, an input that no weight reads), and those go the same way."""
     import dataclasses
 
     from ..export.shrink import shrink_channels
@@ -492,13 +518,15 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = shrink_channels(pruned)
+    what = "structured pruning" if structured else "pruning"
     blocked = {w: why for w, why in res.blocked.items() if w in structured}
     for w, why in list(blocked.items())[:5]:
         log(f"structured pruning: {w} keeps all its output channels (they reach {why})")
     if len(blocked) > 5:
         log(f"structured pruning: {len(blocked) - 5} more layers keep all their output channels")
     if not res.removed:
-        log("structured pruning: no channel could be removed physically")
+        if structured:
+            log("structured pruning: no channel could be removed physically")
         return proto, state, grids, {"channels_removed": {}, "checked": False, "kept_whole": blocked}
     try:
         before, after = ortrun.session(pruned), ortrun.session(res.model)
@@ -511,10 +539,10 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
         a, b = before.run(None, feeds), after.run(None, feeds)
         ok, diff = _same_outputs(a, b)
     except Exception as exc:  # noqa: BLE001 - any failure: keep the unshrunk model
-        log(f"structured pruning: the smaller model does not run ({exc}); keeping the full-size layers")
+        log(f"{what}: the smaller model does not run ({exc}); keeping the full-size layers")
         return proto, state, grids, {"channels_removed": {}, "checked": False, "error": str(exc)}
     if not ok:
-        log(f"structured pruning: the smaller model's outputs differ by {diff:.3g}; keeping the full-size layers")
+        log(f"{what}: the smaller model's outputs differ by {diff:.3g}; keeping the full-size layers")
         return proto, state, grids, {"channels_removed": {}, "checked": False, "max_abs_diff": diff}
     values = initializer_values(res.model)
     state = {n: (values[n] if n in values else v) for n, v in state.items()}
@@ -526,8 +554,15 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
                 g, codebook=g.codebook[t], step=None if g.step is None else g.step.reshape(-1)[t]
             )
     removed = sum(res.removed.values())
-    log(f"structured pruning: {removed} channels removed physically (outputs checked in onnxruntime, max diff {diff:.2g})")
-    summary = {"channels_removed": dict(res.removed), "checked": True, "max_abs_diff": diff, "kept_whole": blocked}
+    log(
+        f"{what}: {removed} channels removed physically (outputs checked in onnxruntime, max diff {diff:.2g})"
+    )
+    summary = {
+        "channels_removed": dict(res.removed),
+        "checked": True,
+        "max_abs_diff": diff,
+        "kept_whole": blocked,
+    }
     return res.model, state, grids, summary
 
 
@@ -760,7 +795,9 @@ def format_report(rep: dict) -> str:
         shape = "x".join(map(str, x["shape"]))
         if "shape_after" in x:  # physically smaller after structured pruning
             shape += " -> " + "x".join(map(str, x["shape_after"]))
-        lines.append(f"{x['name'][:w]:<{w}}  {shape:<20} {x['params']:>10,} {x['nonzero']:>9,} {x['rate']:>8.1f}x")
+        lines.append(
+            f"{x['name'][:w]:<{w}}  {shape:<20} {x['params']:>10,} {x['nonzero']:>9,} {x['rate']:>8.1f}x"
+        )
     lines.append(
         f"{'total':<{w}}  {'':<20} {rep['weights']['total']:>10,} {rep['weights']['nonzero']:>9,} "
         f"{rep['pruning_rate']:>8.1f}x"
@@ -768,8 +805,13 @@ def format_report(rep: dict) -> str:
     lines.append("")
     shrunk = rep.get("shrunk") or {}
     if shrunk.get("channels_removed"):
+        how = (
+            f"structured pruning ({rep['structure']})"
+            if rep.get("structure", "none") != "none"
+            else "pruning"
+        )
         lines.append(
-            f"structured pruning ({rep['structure']}): {sum(shrunk['channels_removed'].values())} channels "
+            f"{how}: {sum(shrunk['channels_removed'].values())} channels "
             "removed from the ONNX layers (outputs checked in onnxruntime against the full-size layers)"
         )
     acc = rep.get("accuracy")

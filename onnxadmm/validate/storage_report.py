@@ -117,6 +117,16 @@ def _param_counts(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def _original_name(name: str, stored: str, original_params: dict) -> str:
+    """The weight's name in the original model: QDQ writers (ours, onnxruntime.quantization) rename
+    a weight to ``<name>_quantized`` feeding a DequantizeLinear whose output is
+    ``<name>_DequantizeLinear_Output``."""
+    for cand, suffix in ((name, ""), (name, "_DequantizeLinear_Output"), (stored, "_quantized")):
+        if cand.endswith(suffix) and cand[: len(cand) - len(suffix)] in original_params:
+            return cand[: len(cand) - len(suffix)]
+    return name
+
+
 def storage_report(model_path, reference=None, original_params: dict[str, int] | None = None) -> dict:
     """Per-layer and total storage of ``model_path``'s compressible weights (see the module docstring).
 
@@ -194,7 +204,8 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
         row["nonzero"] = int(np.count_nonzero(w))
         row["distinct"] = int(len(np.unique(w[w != 0]))) if row["nonzero"] else 0
         row["bytes"]["file"] = sum(row["bytes"].values())
-        row["original_params"] = max(int(original_params.get(n, row["params"])), row["params"])
+        key = _original_name(n, inits[dq[n].input[0]].name if n in dq else n, original_params)
+        row["original_params"] = max(int(original_params.get(key, row["params"])), row["params"])
         row["fp32_bytes"] = 4 * row["original_params"]
         row["deep_compression"] = deep_compression(w.astype(np.float32) if w.dtype == np.float64 else w)
         row["ratio_file"] = row["fp32_bytes"] / max(row["bytes"]["file"], 1)
