@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -187,7 +188,17 @@ def compress(
     # and its zeros stay pruned (also when it is only quantized: a binarized zero would become +-q)
     with torch.no_grad():
         start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
-    allocated = allocate(sizes, cfg.rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
+    groups, biases, views = _structure(cfg, proto, weights, log)
+    rate = cfg.rate  # the rate training prunes to (non-zero weights)
+    if groups and cfg.shrink and cfg.rate > 1:
+        # --rate counts the weights written: a removed filter takes the next layer's slices with it,
+        # so training stops at the lower rate whose smaller layers hold total/--rate weights
+        rate = _written_rate(cfg, proto, module.onnx_state(), sizes, start, groups, views, biases)
+        log(
+            f"{cfg.structure} pruning: {rate:.3g}x of the weights in training leaves layers "
+            f"{cfg.rate:.3g}x smaller once the removed channels are cut out"
+        )
+    allocated = allocate(sizes, rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
     final = {n: min(allocated[n], start[n]) for n in sizes}
     pruning = any(final[n] < start[n] for n in sizes)
     start_rate = sum(sizes.values()) / sum(start.values())
@@ -195,10 +206,10 @@ def compress(
         log(f"the input model is already {start_rate:.3g}x sparse: the progressive steps start from there")
     steps = []
     if pruning or not cfg.quantizing:
-        if cfg.progressive and start_rate < cfg.rate:
-            steps = progressive_rates(cfg.rate, cfg.step_factor, start=start_rate)
+        if cfg.progressive and start_rate < rate:
+            steps = progressive_rates(rate, cfg.step_factor, start=start_rate)
         else:
-            steps = [cfg.rate]
+            steps = [rate]
     # progressive steps: each layer's kept count moves geometrically from its non-zeros to its final count
     keep = [
         {
@@ -217,7 +228,6 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
-    groups, biases, views = _structure(cfg, proto, weights, log)
     engine = Engine(
         module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
         views=views,
@@ -382,6 +392,7 @@ def compress(
         "output": str(out_path),
         "pruning_rate": total / max(nonzero, 1),
         "target_rate": cfg.rate,
+        "training_rate": rate,  # below target_rate with structured pruning (what is cut out with a filter)
         "weights": {"total": total, "nonzero": nonzero},
         "layers": layers,
         "not_compressed": {"params": sum(w.params for w in others), "tensors": len(others)},
@@ -484,6 +495,63 @@ def _same_outputs(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
+def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dict, views: dict, biases: dict) -> float:
+    """Structured pruning: the training rate (non-zero weights) at which the layers written after
+    shrinking hold ``total / cfg.rate`` weights. Each trial masks the current weights as training's
+    projection would (whole groups of largest norm, the heads by magnitude, the removed filters'
+    biases zeroed), cuts the dead channels out (``export.shrink``) and counts what is left; a
+    bisection on the rate, between 1x and ``cfg.rate`` (the written count never exceeds the trained
+    one), keeps the lowest rate that meets the budget."""
+    from ..export.shrink import shrink_channels
+    from ..export.writer import initializer_values, with_weights
+    from .pruning import group_mask, topk_mask
+
+    budget = sum(sizes.values()) / cfg.rate
+
+    def written(r: float) -> float:
+        try:
+            keep = allocate(sizes, r, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
+        except ConfigError:  # fixed-rate layers already prune more than r
+            return math.inf
+        st = dict(state)
+        for n in sizes:
+            k = min(keep[n], start[n])
+            if k >= sizes[n]:
+                continue
+            w = torch.as_tensor(np.asarray(state[n], np.float32))
+            allowed = (w != 0) if start[n] < sizes[n] else None
+            dims = groups.get(n)
+            if dims is None:
+                mask = topk_mask(w, k, allowed)
+            elif n in views:
+                m = None if allowed is None else allowed.reshape(views[n])
+                mask = group_mask(w.reshape(views[n]), k, dims, m).reshape(w.shape)
+            else:
+                mask = group_mask(w, k, dims, allowed)
+            st[n] = (w * mask).numpy()
+            out = [a for a in range(mask.dim()) if a not in (dims or ())]
+            if dims is not None and n not in views and len(out) == 1:
+                alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1).numpy()
+                for b in biases.get(n, ()):
+                    if b in st and np.asarray(st[b]).size == alive.size:
+                        st[b] = np.asarray(st[b]) * alive.reshape(np.shape(st[b]))
+        values = initializer_values(shrink_channels(with_weights(proto, st)).model)
+        return sum(int(np.count_nonzero(values[n])) for n in sizes if n in values)
+
+    lo, hi = 1.0, cfg.rate  # written(lo) above the budget, written(hi) within it
+    if written(lo) <= budget:
+        return lo
+    for _ in range(14):
+        mid = math.sqrt(lo * hi)
+        if written(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.002:
+            break
+    return hi
+
+
 def _dead_slices(state: dict, weights) -> bool:
     """Whether a compressible layer has a filter or an input channel with no non-zero weight left
     (what :func:`_shrink` may cut out); a cheap test that spares the export of models without any."""
@@ -509,14 +577,10 @@ def _shrink(proto, state: dict, grids: dict, val: Dataset, log, structured=()):
     import dataclasses
 
     from ..export.shrink import shrink_channels
-    from ..export.writer import initializer_values
+    from ..export.writer import initializer_values, with_weights
     from ..validate import ortrun
 
-    work = Path(tempfile.mkdtemp(prefix="onnxadmm-shrink-"))
-    try:
-        pruned = load_model(export_onnx(proto, state, work / "pruned.onnx"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    pruned = with_weights(proto, state)
     res = shrink_channels(pruned)
     what = "structured pruning" if structured else "pruning"
     blocked = {w: why for w, why in res.blocked.items() if w in structured}

@@ -55,7 +55,7 @@ import onnx_ir as ir
 from ..errors import OnnxAdmmError
 from ..modelio import PROTOBUF_LIMIT, external_locations, load_model, save_model
 
-__all__ = ["export_onnx", "initializer_values", "FLOAT_TYPES"]
+__all__ = ["export_onnx", "initializer_values", "with_weights", "FLOAT_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,50 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
+def _put_weights(model: onnx.ModelProto, new_weights: Mapping[str, np.ndarray], sparse: set[str]) -> None:
+    """Put ``new_weights`` (and the ``sparse`` storage) into ``model`` in place."""
+    graph = model.graph
+    sites = _find_sites(graph)
+    unknown = sorted((set(new_weights) | sparse) - set(sites))
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise OnnxAdmmError(
+            f"unknown weight name(s) {shown}: not an initializer, sparse initializer or Constant output of the model"
+        )
+
+    opset = _ai_onnx_opset(model)
+    drop: set[str] = set()
+    changed = 0
+    for name in list(new_weights) + sorted(sparse - set(new_weights)):
+        site = sites[name]
+        old = _site_value(site)
+        new = _cast(name, new_weights[name], site) if name in new_weights else old
+        to_sparse = name in sparse or site.is_sparse
+        if to_sparse == site.is_sparse and _bit_equal(old, new):
+            continue  # rule 3: keep the stored bytes
+        _write_site(site, new, to_sparse, opset, drop, graph)
+        changed += 1
+    if drop:
+        kept = [t for t in graph.initializer if t.name not in drop]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    log.info("%d tensor(s) rewritten, %d stored sparse", changed, len(drop))
+
+
+def with_weights(
+    model: onnx.ModelProto, new_weights: Mapping[str, np.ndarray], *, sparse: Iterable[str] | None = None
+) -> onnx.ModelProto:
+    """A copy of ``model`` (in memory, its data loaded) with ``new_weights`` put in place, as
+    :func:`export_onnx` writes it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _check_no_unloaded_external(out)
+    _put_weights(out, new_weights, set(sparse or ()))
+    return out
+
+
 def export_onnx(
     original,
     new_weights: Mapping[str, np.ndarray],
@@ -361,34 +405,8 @@ def export_onnx(
     if path.is_dir():
         raise OnnxAdmmError(f"{path}: is a folder; give the output .onnx file name")
 
-    graph = model.graph
-    sites = _find_sites(graph)
-    unknown = sorted((set(new_weights) | sparse) - set(sites))
-    if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:5]) + (
-            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        )
-        raise OnnxAdmmError(
-            f"unknown weight name(s) {shown}: not an initializer, sparse initializer or Constant output of the model"
-        )
-
-    opset = _ai_onnx_opset(model)
-    drop: set[str] = set()
-    changed = 0
-    for name in list(new_weights) + sorted(sparse - set(new_weights)):
-        site = sites[name]
-        old = _site_value(site)
-        new = _cast(name, new_weights[name], site) if name in new_weights else old
-        to_sparse = name in sparse or site.is_sparse
-        if to_sparse == site.is_sparse and _bit_equal(old, new):
-            continue  # rule 3: keep the stored bytes
-        _write_site(site, new, to_sparse, opset, drop, graph)
-        changed += 1
-    if drop:
-        kept = [t for t in graph.initializer if t.name not in drop]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    log.info("export_onnx: %d tensor(s) rewritten, %d stored sparse, writing %s", changed, len(drop), path)
+    _put_weights(model, new_weights, sparse)
+    log.info("export_onnx: writing %s", path)
 
     if external_data is None and had_external:
         external_data = True
