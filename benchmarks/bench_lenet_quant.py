@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_lenet_mnist import (  # noqa: E402
+    SIZES,
     WEIGHTS,
     admm_epochs,
     dense_model,
@@ -157,10 +158,11 @@ def planned_epochs(params: dict, overrides: dict, n_train: int) -> float:
 
 def storage(path: Path) -> dict:
     """The weight-storage totals of ``onnxadmm report`` for ``path`` (and the layers Deep Compression's
-    count keeps at full width because they hold more than 256 distinct values)."""
+    count keeps at full width because they hold more than 256 distinct values), measured against the
+    dense LeNet-5's layer sizes (a pruned model's dead channels are cut out of its layers)."""
     from onnxadmm.validate.storage_report import storage_report
 
-    rep = storage_report(path)
+    rep = storage_report(path, original_params=SIZES)
     t = rep["total"]
     out = {
         k: t[k]

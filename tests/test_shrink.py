@@ -301,7 +301,10 @@ def test_channel_blocks_of_dense_layers_after_a_flatten():
 
     nodes, inits = _cnn()
     m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 3])
-    assert channel_blocks(m) == {"w3": 5}  # fc reads conv2's 5 channels x 2x2; w4 reads a dense layer
+    assert channel_blocks(m) == {"w3": (5, False)}  # fc reads conv2's 5 channels x 2x2; w4 a dense layer
+    # channels last (Keras): the features of a channel are every 5th
+    nodes, inits = _keras_cnn()
+    assert channel_blocks(_model(nodes, inits, ["N", 8, 8, 1], ["N", 3])) == {"w3": (5, True)}
 
 
 @pytest.mark.parametrize(
@@ -490,3 +493,92 @@ def test_removable_channels_says_what_keeps_each_layer():
     d = describe(m)
     assert [x["channels_kept_by"] for x in d["layers"]] == [None, None, None, "graph output 'y'"]
     assert "kept: graph output 'y'" in format_description(d)
+
+
+def _keras_cnn(flatten="reshape"):
+    """What keras2onnx / tf2onnx write: NHWC input transposed for the Conv, the conv output transposed
+    back to NHWC before the flatten, so each feature is position * channels + channel."""
+    inits = {
+        "w1": _f(4, 1, 3, 3), "b1": _f(4),
+        "w2": _f(5, 4, 3, 3), "b2": _f(5),
+        "w3": _f(2 * 2 * 5, 6), "c3": _f(6),
+        "w4": _f(6, 3), "c4": _f(3),
+        "target": np.array([-1, 20], np.int64),
+    }  # fmt: skip
+    flat = (
+        helper.make_node("Reshape", ["t2", "target"], ["f"])
+        if flatten == "reshape"
+        else helper.make_node("Flatten", ["t2"], ["f"], axis=1)
+    )
+    if flatten != "reshape":
+        inits.pop("target")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["xt", "w1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        # back to NHWC and again to NCHW between the convolutions (unoptimised exports do this)
+        helper.make_node("Transpose", ["r1"], ["h1"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["h1"], ["c1"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["a2"]),
+        helper.make_node("MaxPool", ["a2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Transpose", ["p2"], ["t2"], perm=[0, 2, 3, 1]),
+        flat,
+        helper.make_node("MatMul", ["f", "w3"], ["m3"]),
+        helper.make_node("Add", ["m3", "c3"], ["a3"]),
+        helper.make_node("Relu", ["a3"], ["r3"]),
+        helper.make_node("MatMul", ["r3", "w4"], ["m4"]),
+        helper.make_node("Add", ["m4", "c4"], ["y"]),
+    ]
+    return nodes, inits
+
+
+@pytest.mark.parametrize("flatten", ["reshape", "flatten"])
+def test_channels_last_flatten_keras_export(flatten):
+    """A filter removed before an NHWC flatten takes every channels-th feature of the dense layer
+    (interleaved, not a block); a constant channel folds into the MatMul's bias Add."""
+    nodes, inits = _keras_cnn(flatten)
+    inits["w2"][1] = 0  # conv2 filter 1: constant b2[1] (through the max pool), folded into c3
+    inits["w2"][3] = 0
+    inits["b2"][3] = 0  # filter 3: exactly 0
+    inits["w1"][2] = 0  # conv1 filter 2: constant relu(b1[2]) (through two Transposes), conv2 unpadded
+    m = _model(nodes, inits, ["N", 8, 8, 1], ["N", 3])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1, "w2": 2}
+    w = _inits(res.model)
+    assert w["w2"].shape == (3, 3, 3, 3) and w["w3"].shape == (12, 6)
+    keep = [k for k in range(20) if k % 5 not in (1, 3)]  # features p * 5 + c of channels 0, 2, 4
+    np.testing.assert_array_equal(w["w3"], inits["w3"][keep])
+    x = _f(3, 8, 8, 1, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_on_channels_last_tensor_reads_channels():
+    """A MatMul on an NHWC tensor (a Keras Dense on a feature map, i.e. a 1x1 convolution) reads the
+    channels on its contracted axis: they go like a dense layer's inputs."""
+    inits = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "w2": _f(4, 3), "c2": _f(3)}
+    inits["w1"][0] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Transpose", ["a1"], ["t1"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["t1", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "c2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 5, 5], ["N", 3, 3, 3])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1} and _inits(res.model)["w2"].shape == (3, 3)
+    x = _f(2, 2, 5, 5, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_transpose_that_does_not_move_channels_to_an_end_is_not_followed():
+    inits = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "w2": _f(3, 3), "c2": _f(3)}
+    inits["w1"][0] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Transpose", ["a1"], ["t1"], perm=[0, 2, 1, 3]),  # channels to axis 2
+        helper.make_node("MatMul", ["t1", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "c2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 5, 5], ["N", 3, 4, 3])
+    res = shrink_channels(m)
+    assert res.removed == {} and "Transpose" in res.blocked["w1"]

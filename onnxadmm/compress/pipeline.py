@@ -458,11 +458,13 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
         if w.name in heads or matches(w.name, cfg.exclude):
             continue
         if w.name in blocks and len(w.shape) == 2:
-            c = blocks[w.name]
+            # one group per convolution channel: a block of features, or (channels last) every c-th
+            c, interleaved = blocks[w.name]
+            k = w.shape[w.in_axis] // c
             if w.in_axis == 1:
-                views[w.name], groups[w.name] = (w.shape[0], c, w.shape[1] // c), (0, 2)
+                views[w.name], groups[w.name] = ((w.shape[0], k, c), (0, 1)) if interleaved else ((w.shape[0], c, k), (0, 2))
             else:
-                views[w.name], groups[w.name] = (c, w.shape[0] // c, w.shape[1]), (1, 2)
+                views[w.name], groups[w.name] = ((k, c, w.shape[1]), (0, 2)) if interleaved else ((c, k, w.shape[1]), (1, 2))
             continue
         dims = group_dims(cfg.structure, len(w.shape), w.out_axis, w.in_axis)
         if dims is not None:

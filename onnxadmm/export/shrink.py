@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..importer.analysis import _producers
+from ..importer.analysis import _producers, topo_sort
 
 __all__ = ["shrink_channels", "ShrinkResult"]
 
@@ -139,6 +139,14 @@ class _Graph:
         after every removal, as the channel counts change."""
         model = self.model
         try:
+            # shape inference reads the nodes in file order: old exports (keras2onnx) are not sorted
+            nodes = list(model.graph.node)
+            order = topo_sort(nodes, {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input})
+            if [id(n) for n in order] != [id(n) for n in nodes]:
+                model = onnx.ModelProto()
+                model.CopyFrom(self.model)
+                del model.graph.node[:]
+                model.graph.node.extend(order)
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - without shapes, only Flatten and Reshape [0, -1] are accepted
@@ -249,6 +257,7 @@ class _Reader:
     foldable: bool  # a constant input channel can be folded into its bias
     bias_slot: tuple | None  # how to fold: ("conv", name|None) / ("gemm", name|None, scale) / ("add", name)
     offset: int = 0  # index of the producer's channel 0 in the reader's input channels (after a Concat)
+    interleaved: bool = False  # flattened channels-last (NHWC): feature = position * channels + channel
 
 
 @dataclass
@@ -263,11 +272,13 @@ class _Chain:
 def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
     """Follow ``layer``'s output to the layers that read it; None if anything else reads it."""
     chain = _Chain()
-    # tensor, per-channel constants, flattened, offset of the layer's channel 0 in it, its channels
-    todo = [(layer.out, const, False, 0, const.size)]
+    # tensor, per-channel constants, flattened (False, True: one block of features per channel, or
+    # "interleave": channels-last), offset of the layer's channel 0 in it, its channels, and whether
+    # the channels are on the last axis (after a Transpose to NHWC, as TensorFlow/Keras exports write)
+    todo = [(layer.out, const, False, 0, const.size, False)]
     seen = set()
     while todo:
-        t, c, flat, off, total = todo.pop()
+        t, c, flat, off, total, last = todo.pop()
         G.block = f"paths that meet again at {t!r}"
         if t in seen:
             return None  # re-convergent paths: not handled
@@ -296,18 +307,18 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             f = _unary(n, G.values)
             if gate is not None:  # t * f(t): a channel-wise activation written as two nodes
                 with np.errstate(all="ignore"):
-                    todo.append((n.output[0], c * gate(c.copy()), flat, off, total))
+                    todo.append((n.output[0], c * gate(c.copy()), flat, off, total, last))
             elif f is not None:
                 with np.errstate(all="ignore"):
-                    todo.append((n.output[0], f(c.copy()), flat, off, total))
-            elif op in POOLS and layer.kind == "conv" and not flat:
+                    todo.append((n.output[0], f(c.copy()), flat, off, total, last))
+            elif op in POOLS and layer.kind == "conv" and not flat and not last:
                 padded = _padded(a)
                 if op == "AveragePool" and padded and a.get("count_include_pad", 0):
                     c = np.where(c == 0, 0.0, np.nan)
                 if op in ("LpPool", "GlobalLpPool"):
                     c = np.where(c == 0, 0.0, np.nan)
-                todo.append((n.output[0], c, flat, off, total))
-            elif op == "BatchNormalization" and not flat and layer.node.op_type != "MatMul":
+                todo.append((n.output[0], c, flat, off, total, last))
+            elif op == "BatchNormalization" and not flat and not last and layer.node.op_type != "MatMul":
                 if len(n.input) < 5 or not all(G.own(i) and G.values[i].shape == (total,) for i in n.input[1:5]):
                     return None
                 if a.get("training_mode", 0):
@@ -315,8 +326,8 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 s, b, m, v = (G.values[i].astype(np.float64)[off : off + c.size] for i in n.input[1:5])
                 eps = a.get("epsilon", 1e-5)
                 chain.bns.append((n, off))
-                todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat, off, total))
-            elif op == "Conv" and layer.kind == "conv" and not flat and _depthwise(G, n, total):
+                todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat, off, total, last))
+            elif op == "Conv" and layer.kind == "conv" and not flat and not last and _depthwise(G, n, total):
                 # one filter per channel (MobileNet): a channel-wise op whose filter and bias go too
                 W = G.values[n.input[1]].astype(np.float64)[off : off + c.size]
                 bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
@@ -326,18 +337,27 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 # a constant through the filter: c * sum(filter) + bias, except at padded borders (0 stays 0)
                 out = np.where(c == 0, b, np.nan) if padded else c * k + b
                 chain.depthwise.append((n, off))
-                todo.append((n.output[0], out, flat, off, total))
+                todo.append((n.output[0], out, flat, off, total, last))
             elif op == "Flatten" and not flat and a.get("axis", 1) == 1 and layer.node.op_type != "MatMul":
-                todo.append((n.output[0], c, True, off, total))  # (a Gemm's output is 2-D: Flatten is the identity)
+                # (a Gemm's output is 2-D: Flatten is the identity)
+                todo.append((n.output[0], c, "interleave" if last else True, off, total, last))
             elif op == "Reshape" and not flat and layer.kind == "conv":
                 if n.input[1] in G.values:  # a constant target, rewritten after the channels go
-                    if not _flattens(G, t, G.values[n.input[1]].reshape(-1), total):
+                    if not _flattens(G, t, G.values[n.input[1]].reshape(-1), total, last):
                         return None
                     chain.reshapes.append((n, total))
                 elif not _batch_flatten_target(G, n.input[1], G.producers):
                     return None  # (a computed [batch, -1] follows the tensor's own shape)
-                todo.append((n.output[0], c, True, off, total))
-            elif op == "Concat" and not flat and a.get("axis") == 1 and layer.node.op_type != "MatMul":
+                todo.append((n.output[0], c, "interleave" if last else True, off, total, last))
+            elif op == "Transpose" and not flat and layer.kind == "conv" and "perm" in a:
+                # channels moved to the last axis (NCHW -> NHWC) or back; any other move is not followed
+                perm = list(a["perm"])
+                rank = len(perm)
+                new = perm.index(rank - 1 if last else 1) if rank >= 3 else -1
+                if new not in (1, rank - 1):
+                    return None
+                todo.append((n.output[0], c, flat, off, total, new == rank - 1))
+            elif op == "Concat" and not flat and not last and a.get("axis") == 1 and layer.node.op_type != "MatMul":
                 # (a MatMul's channels are its output's last axis, whatever its rank)
                 # channels of several layers side by side: ours start after those of the inputs before
                 counts = []
@@ -347,12 +367,12 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                         return None
                     counts.append(shape[1])
                 k = list(n.input).index(t)
-                todo.append((n.output[0], c, flat, off + sum(counts[:k]), sum(counts)))
+                todo.append((n.output[0], c, flat, off + sum(counts[:k]), sum(counts), last))
             elif op == "Shape" and not flat and not a.get("start", 0):
                 # read for its batch size only (x.view(x.size(0), -1)): the channel count is not used
                 if not all(_batch_index(G, g) for g in G.consumers.get(n.output[0], [])) or n.output[0] in G.outputs:
                     return None
-            elif op == "Conv" and layer.kind == "conv" and not flat and G.own(n.input[1]):
+            elif op == "Conv" and layer.kind == "conv" and not flat and not last and G.own(n.input[1]):
                 if a.get("group", 1) != 1 or G.values[n.input[1]].shape[1] != total:
                     return None
                 padded = _padded(a)
@@ -360,7 +380,12 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 if bias is not None and not G.own(bias):
                     return None
                 chain.readers.append(_Reader(n, "conv", n.input[1], 1, 1, c, not padded, ("conv", bias), off))
-            elif op in ("Gemm", "MatMul") and (flat or layer.kind == "fc") and len(n.input) > 1 and G.own(n.input[1]):
+            elif (
+                op in ("Gemm", "MatMul")
+                and (flat or layer.kind == "fc" or (last and op == "MatMul"))  # (a MatMul on NHWC: a 1x1 conv)
+                and len(n.input) > 1
+                and G.own(n.input[1])
+            ):
                 W = G.values[n.input[1]]
                 if W.ndim != 2:
                     return None
@@ -385,7 +410,7 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 if block != 1 and not flat:
                     return None
                 kind = "gemm" if op == "Gemm" else "matmul"
-                chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot, off))
+                chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot, off, flat == "interleave"))
             else:
                 return None
     G.block = "no Conv/Gemm/MatMul reading it"
@@ -429,16 +454,16 @@ def _gate(G: _Graph, n, t: str):
     return None
 
 
-def _flattens(G: _Graph, t: str, target: np.ndarray, channels: int) -> bool:
-    """Whether Reshape(t, target) flattens a (batch, channels, ...) tensor to (batch, features), with the
-    channel the outermost index of a feature: target [0, -1]; or, with ``t``'s static shape known,
-    [-1, K] for K = channels x spatial size, or [B, -1] for its fixed batch B."""
+def _flattens(G: _Graph, t: str, target: np.ndarray, channels: int, last: bool = False) -> bool:
+    """Whether Reshape(t, target) flattens a (batch, channels, ...) tensor (``last``: a (batch, ...,
+    channels) one) to (batch, features): target [0, -1]; or, with ``t``'s static shape known, [-1, K]
+    for K = channels x spatial size, or [B, -1] for its fixed batch B."""
     if target.size != 2:
         return False
     if target[0] == 0 and target[1] == -1:
         return True
     shape = G.shapes.get(t)
-    if not shape or len(shape) < 2 or shape[1] != channels:
+    if not shape or len(shape) < 2 or shape[-1 if last else 1] != channels:
         return False
     inner = shape[1:]
     if target[0] == -1:
@@ -477,8 +502,17 @@ def _batch_flatten_target(G: _Graph, target: str, producers: dict) -> bool:
     return False
 
 
-def _slab(W: np.ndarray, axis: int, ch: int, block: int) -> np.ndarray:
-    return np.take(W, np.arange(ch * block, (ch + 1) * block), axis=axis)
+def _features(r: _Reader, K: int, ch: int) -> np.ndarray:
+    """Indices, along the reader's input axis (``K`` long), of the producer's channel ``ch``: one
+    block of ``r.block`` features (channels first), or every ``K / r.block``-th (channels last)."""
+    j = r.offset + ch
+    if r.interleaved:
+        return np.arange(r.block) * (K // r.block) + j
+    return np.arange(j * r.block, (j + 1) * r.block)
+
+
+def _slab(W: np.ndarray, r: _Reader, ch: int) -> np.ndarray:
+    return np.take(W, _features(r, W.shape[r.in_axis], ch), axis=r.in_axis)
 
 
 def _removable(G: _Graph, chain: _Chain, n_ch: int) -> list[int]:
@@ -486,7 +520,7 @@ def _removable(G: _Graph, chain: _Chain, n_ch: int) -> list[int]:
     for ch in range(n_ch):
         ok = True
         for r in chain.readers:
-            if not np.any(_slab(G.values[r.weight], r.in_axis, r.offset + ch, r.block)):
+            if not np.any(_slab(G.values[r.weight], r, ch)):
                 continue
             c = r.const[ch]
             if np.isnan(c) or not (c == 0 or r.foldable):
@@ -513,7 +547,7 @@ def _fold(G: _Graph, r: _Reader, dead: list[int]):
         for ch in dead:
             c = r.const[ch]
             if c and not np.isnan(c):
-                add += c * _slab(W, r.in_axis, r.offset + ch, r.block).sum(axis=r.in_axis)
+                add += c * _slab(W, r, ch).sum(axis=r.in_axis)
     if not np.any(add):
         return
     kind, bias = r.bias_slot[0], r.bias_slot[1]
@@ -535,7 +569,7 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
     for r in chain.readers:
         _fold(G, r, dead)
         K = G.values[r.weight].shape[r.in_axis]
-        gone = {(r.offset + d) * r.block + j for d in dead for j in range(r.block)}
+        gone = {int(k) for d in dead for k in _features(r, K, d)}
         cols = np.array([k for k in range(K) if k not in gone], dtype=np.int64)
         G.set(r.weight, np.take(G.values[r.weight], cols, axis=r.in_axis))
         _record(result, r.weight, r.in_axis, cols)
@@ -626,13 +660,15 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
     return result
 
 
-def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
-    """{dense layer weight: channels}: the Gemm/MatMul layers that read a flattened convolution output
-    (through activations, pooling, BatchNormalization, Flatten or a flattening Reshape), with that
-    convolution's channel count. Their input features come in one block per channel, so channel
-    pruning can treat each block as one group and remove whole channels."""
+def channel_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
+    """{dense layer weight: (channels, interleaved)}: the Gemm/MatMul layers that read a flattened
+    convolution output (through activations, pooling, BatchNormalization, Flatten or a flattening
+    Reshape), with that convolution's channel count. Their input features come in one block per
+    channel, or, when a Transpose put the channels last before the flatten (TensorFlow/Keras
+    exports), as every channels-th feature (``interleaved``); channel pruning treats each
+    channel's features as one group and removes whole channels."""
     G = _Graph(model)
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, bool]] = {}
     for node in model.graph.node:
         if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in G.values:
             continue
@@ -640,7 +676,7 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
         if W.ndim != 2 or (node.op_type == "Gemm" and _attrs(node).get("transA", 0)):
             continue
         in_axis = 1 if node.op_type == "Gemm" and _attrs(node).get("transB", 0) else 0
-        t, flat = node.input[0], False
+        t, flat, last = node.input[0], False, False
         for _ in range(64):
             p = G.producers.get(t)
             if p is None:
@@ -648,10 +684,15 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, int]:
             if p.op_type == "Conv" and len(p.input) > 1 and p.input[1] in G.values:
                 C = G.values[p.input[1]].shape[0]
                 if flat and C > 1 and W.shape[in_axis] % C == 0 and W.shape[in_axis] > C:
-                    out[node.input[1]] = int(C)
+                    out[node.input[1]] = (int(C), last)
                 break
-            if p.op_type in ("Flatten", "Reshape"):
+            if p.op_type in ("Flatten", "Reshape") and not flat:
                 flat = True
+            elif p.op_type == "Transpose" and flat and not last:
+                perm = list(_attrs(p).get("perm", []))
+                if len(perm) < 3 or perm[0] != 0 or perm[-1] != 1:  # (N, C, ...) -> (N, ..., C) only
+                    break
+                last = True
             elif not (p.op_type in POOLS or p.op_type == "BatchNormalization" or _unary(p, G.values)):
                 break
             t = p.input[0]
