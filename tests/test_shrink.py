@@ -582,3 +582,60 @@ def test_transpose_that_does_not_move_channels_to_an_end_is_not_followed():
     m = _model(nodes, inits, ["N", 2, 5, 5], ["N", 3, 4, 3])
     res = shrink_channels(m)
     assert res.removed == {} and "Transpose" in res.blocked["w1"]
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_between_layers(mode):
+    """A spatial Pad keeps a zero channel zero (constant mode) and any constant channel constant
+    (edge, reflect): those fold into the next convolution; a non-zero constant padded with zeros
+    does not (its border changes), so that filter stays."""
+    inits = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "w2": _f(3, 4, 3, 3), "b2": _f(3),
+             "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}  # fmt: skip
+    inits["w1"][0] = 0
+    inits["b1"][0] = 0  # filter 0: exactly zero
+    inits["w1"][2] = 0  # filter 2: constant b1[2] != 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Pad", ["a1", "pads"], ["p1"], mode=mode),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 6, 6], ["N", 3, 4, 4])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1 if mode == "constant" else 2}
+    x = _f(2, 2, 6, 6, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_pad_of_the_channel_axis_blocks():
+    inits = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "w2": _f(3, 5, 1, 1), "b2": _f(3),
+             "pads": np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64)}  # fmt: skip
+    inits["w1"][0] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Pad", ["a1", "pads"], ["p1"]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 6, 6], ["N", 3, 4, 4])
+    res = shrink_channels(m)
+    assert res.removed == {} and "Pad" in res.blocked["w1"]
+
+
+def test_instance_normalization_between_layers():
+    """A constant channel comes out of InstanceNormalization as that channel's bias; its scale and
+    bias are sliced with the channel (style-transfer networks such as candy)."""
+    inits = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "s": 1 + _f(4, scale=0.1), "bi": _f(4),
+             "w2": _f(3, 4, 3, 3), "b2": _f(3)}  # fmt: skip
+    inits["w1"][1] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("InstanceNormalization", ["a1", "s", "bi"], ["n1"]),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 2, 8, 8], ["N", 3, 4, 4])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1}
+    w = _inits(res.model)
+    assert w["s"].shape == (3,) and w["bi"].shape == (3,) and w["w2"].shape == (3, 3, 3, 3)
+    x = _f(2, 2, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)

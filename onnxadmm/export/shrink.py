@@ -10,11 +10,13 @@ repeats until nothing changes, as a removed input channel can leave a filter con
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
 that nothing else uses; between them unary activations, Max/Average/global pooling, inference
-BatchNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, t * f(t) activations (SiLU,
-HardSwish), depthwise convolutions (sliced with the channel), a Concat of channels (the layer's
-channels are then a slice of the readers' inputs), and a Flatten (axis 1) or a Reshape
-to (batch, features) before a dense layer: a constant target (initializer or Constant node) that
-static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)). A
+BatchNormalization and InstanceNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, t * f(t)
+activations (SiLU, HardSwish), spatial Pad, depthwise convolutions (sliced with the channel), a
+Concat of channels (the layer's channels are then a slice of the readers' inputs), Transposes that
+move the channels last or back (TensorFlow/Keras exports), and a Flatten (axis 1) or a Reshape to
+(batch, features) before a dense layer: a constant target (initializer or Constant node) that
+static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)); after
+a channels-last flatten a channel's features are interleaved rather than a block. A
 channel that reaches anything else (an Add of two branches, a graph output, another grouped
 convolution) is kept, so residual models shrink inside their blocks only. The pass edits the
 ModelProto directly; callers check the result in onnxruntime.
@@ -263,7 +265,7 @@ class _Reader:
 @dataclass
 class _Chain:
     readers: list = field(default_factory=list)
-    bns: list = field(default_factory=list)  # (BatchNormalization node, offset) to slice
+    bns: list = field(default_factory=list)  # (BatchNormalization / InstanceNormalization node, offset) to slice
     reshapes: list = field(default_factory=list)  # (Reshape node, channels) whose target names the features
     depthwise: list = field(default_factory=list)  # (depthwise Conv node, offset) to slice
     tensors: list = field(default_factory=list)
@@ -327,6 +329,20 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 eps = a.get("epsilon", 1e-5)
                 chain.bns.append((n, off))
                 todo.append((n.output[0], s * (c - m) / np.sqrt(v + eps) + b, flat, off, total, last))
+            elif op == "InstanceNormalization" and not flat and not last and layer.kind == "conv":
+                if len(n.input) < 3 or not all(G.own(i) and G.values[i].shape == (total,) for i in n.input[1:3]):
+                    return None
+                # a constant channel normalises to 0: the output is the channel's bias
+                b = G.values[n.input[2]].astype(np.float64)[off : off + c.size]
+                chain.bns.append((n, off))
+                todo.append((n.output[0], np.where(np.isnan(c), np.nan, b), flat, off, total, last))
+            elif op == "Pad" and not flat and layer.kind == "conv":
+                padded = _pad_of(G, n, last)
+                if padded is None:
+                    return None
+                # constant padding keeps a channel constant only where it equals the pad value;
+                # edge/reflect/wrap padding repeats the channel's own values
+                todo.append((n.output[0], np.where(c == padded, c, np.nan) if np.isfinite(padded) else c, flat, off, total, last))
             elif op == "Conv" and layer.kind == "conv" and not flat and not last and _depthwise(G, n, total):
                 # one filter per channel (MobileNet): a channel-wise op whose filter and bias go too
                 W = G.values[n.input[1]].astype(np.float64)[off : off + c.size]
@@ -415,6 +431,33 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 return None
     G.block = "no Conv/Gemm/MatMul reading it"
     return chain if chain.readers else None
+
+
+def _pad_of(G: _Graph, n, last: bool) -> float | None:
+    """For a Pad node that pads neither the batch nor the channel axis: its constant value (inf for
+    the edge, reflect and wrap modes, which add no new value); None for any other Pad."""
+    a = _attrs(n)
+    if "pads" in a:  # opset < 11
+        pads, value = np.asarray(a["pads"]), a.get("value", 0.0)
+    else:
+        if len(n.input) < 2 or n.input[1] not in G.values or (len(n.input) > 3 and n.input[3]):
+            return None  # computed pads, or an axes input
+        pads = G.values[n.input[1]]
+        value = 0.0
+        if len(n.input) > 2 and n.input[2]:
+            if n.input[2] not in G.values:
+                return None
+            value = float(G.values[n.input[2]].reshape(-1)[0])
+    pads = pads.reshape(-1)
+    rank = pads.size // 2
+    if rank < 2:
+        return None
+    ch = rank - 1 if last else 1
+    if pads[0] or pads[rank] or pads[ch] or pads[ch + rank]:
+        return None
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    return float(value) if mode == "constant" else np.inf
 
 
 def _depthwise(G: _Graph, n, channels: int) -> bool:
@@ -578,7 +621,7 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
     if layer.bias is not None and G.values[layer.bias].size == n_ch and n_ch > 1:
         G.set(layer.bias, G.values[layer.bias].reshape(-1)[keep])
     for bn, off in chain.bns:
-        for i in bn.input[1:5]:
+        for i in bn.input[1:5] if bn.op_type == "BatchNormalization" else bn.input[1:3]:
             rest = np.array([k for k in range(G.values[i].size) if k - off not in set(dead)], dtype=np.int64)
             G.set(i, G.values[i][rest])
     for dw, off in chain.depthwise:
