@@ -639,3 +639,31 @@ def test_instance_normalization_between_layers():
     assert w["s"].shape == (3,) and w["bi"].shape == (3,) and w["w2"].shape == (3, 3, 3, 3)
     x = _f(2, 2, 8, 8, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+
+
+def test_paddle_style_constant_weights_and_hardswish_chain():
+    """PaddlePaddle exports hold every weight in a Constant node and write HardSwish as
+    x * Clip(x + 3, 0, 6) / 6: the weights become initializers of the same name and are sliced; the
+    constant channel goes through the three-node gate and folds into the next convolution."""
+    vals = {"w1": _f(4, 2, 3, 3), "b1": _f(4), "w2": _f(3, 4, 3, 3), "b2": _f(3),
+            "three": np.array(3.0, np.float32), "lo": np.array(0.0, np.float32),
+            "hi": np.array(6.0, np.float32), "six": np.array(6.0, np.float32)}  # fmt: skip
+    vals["w1"][1] = 0  # filter 1: constant b1[1]
+    consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in vals.items()]
+    nodes = consts + [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Add", ["a1", "three"], ["s1"]),
+        helper.make_node("Clip", ["s1", "lo", "hi"], ["c1"]),
+        helper.make_node("Div", ["c1", "six"], ["d1"]),
+        helper.make_node("Mul", ["a1", "d1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, {}, ["N", 2, 8, 8], ["N", 3, 4, 4])
+    res = shrink_channels(m)
+    assert res.removed == {"w1": 1}
+    w = _inits(res.model)
+    assert w["w1"].shape == (3, 2, 3, 3) and w["w2"].shape == (3, 3, 3, 3)
+    assert not any(n.op_type == "Constant" and n.output[0] in ("w1", "w2") for n in res.model.graph.node)
+    x = _f(2, 2, 8, 8, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+    assert any(n.op_type == "Constant" for n in m.graph.node)  # the input model is left as it was

@@ -473,27 +473,51 @@ def _depthwise(G: _Graph, n, channels: int) -> bool:
 
 
 def _gate(G: _Graph, n, t: str):
-    """For a node reading ``t``: "inner" if it is the f in a t * f(t) (Swish/SiLU as Sigmoid and Mul,
-    HardSwish as HardSigmoid and Mul: f unary, read by that Mul only); for that Mul, the function f;
-    else None."""
-    def inner_of(mul):
+    """For a node reading ``t``: "inner" if it starts the f of a t * f(t), f a chain of up to four
+    unary nodes each read by the next one only (SiLU as Sigmoid and Mul; HardSwish as HardSigmoid and
+    Mul, or as Add 3, Clip 0..6, Div 6 and Mul as PaddlePaddle writes it); for that Mul, the function
+    f; else None."""
+
+    def chain_of(mul):
         if mul.op_type != "Mul" or len(mul.input) != 2 or list(mul.input).count(t) != 1:
             return None
-        other = mul.input[1] if mul.input[0] == t else mul.input[0]
-        p = G.producers.get(other)
-        if p is None or not p.input or p.input[0] != t or _unary(p, G.values) is None:
-            return None
-        if len(G.consumers.get(other, [])) != 1 or other in G.outputs or p.op_type in ("Mul", "Add", "Sub", "Div"):
-            return None
-        return p
+        x = mul.input[1] if mul.input[0] == t else mul.input[0]
+        chain = []
+        for _ in range(4):
+            p = G.producers.get(x)
+            if p is None or not p.input or _unary(p, G.values) is None:
+                return None
+            if len(G.consumers.get(x, [])) != 1 or x in G.outputs:
+                return None
+            chain.insert(0, p)
+            if p.input[0] == t:
+                return chain
+            x = p.input[0]
+        return None
 
     if n.op_type == "Mul":
-        p = inner_of(n)
-        return None if p is None else _unary(p, G.values)
+        chain = chain_of(n)
+        if chain is not None:
+            fs = [_unary(p, G.values) for p in chain]
+
+            def f(c):
+                for g in fs:
+                    c = g(c)
+                return c
+
+            return f
     if _unary(n, G.values) is not None and n.output:
-        readers = G.consumers.get(n.output[0], [])
-        if len(readers) == 1 and inner_of(readers[0]) is n:
-            return "inner"
+        x = n.output[0]
+        for _ in range(4):
+            readers = G.consumers.get(x, [])
+            if len(readers) != 1:
+                return None
+            chain = chain_of(readers[0])
+            if chain is not None and chain[0] is n:
+                return "inner"
+            if _unary(readers[0], G.values) is None or not readers[0].output:
+                return None
+            x = readers[0].output[0]
     return None
 
 
@@ -660,11 +684,42 @@ def _record(result: ShrinkResult, name: str, axis: int, idx: np.ndarray):
     per[axis] = per[axis][idx] if axis in per else idx
 
 
+def _promote_constants(model: onnx.ModelProto) -> None:
+    """Turn the main graph's Constant nodes that hold a tensor (PaddlePaddle writes every weight so)
+    into initializers of the same name, in place, so that they can be sliced like any weight."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    keep, promoted = [], []
+    for n in g.node:
+        if (
+            n.op_type == "Constant"
+            and n.domain in ("", "ai.onnx")
+            and len(n.attribute) == 1
+            and n.attribute[0].name == "value"
+            and n.output[0] not in outputs
+        ):
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            promoted.append(t)
+        else:
+            keep.append(n)
+    if not promoted:
+        return
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(promoted)
+    if model.ir_version < 4:  # IR 3: every initializer is also a graph input
+        g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in promoted)
+
+
 def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
     """A copy of ``model`` with every removable channel removed (see the module doc); ``kept`` maps
-    each sliced weight to the original indices it keeps along each sliced axis."""
+    each sliced weight to the original indices it keeps along each sliced axis. Weights held in
+    Constant nodes come out as initializers of the same name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _promote_constants(out)
     result = ShrinkResult(out)
     G = _Graph(out)
     while True:
@@ -745,9 +800,12 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
 def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
     """{layer weight: None if structured pruning can remove its output channels from the file, else
     what keeps them}: the question ``onnxadmm inspect`` answers before a run."""
-    G = _Graph(model)
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    _promote_constants(model_copy)
+    G = _Graph(model_copy)
     out: dict[str, str | None] = {}
-    for node in model.graph.node:
+    for node in model_copy.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = node.input[1]
