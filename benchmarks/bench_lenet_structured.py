@@ -210,9 +210,9 @@ def section_text(rows: list[dict], dense: dict, lat: dict, commands: list[str]) 
     lines = [
         "Structured ADMM pruning (`--structure`), the removed channels cut out of the ONNX layers. Accuracy by "
         "onnxruntime on the 10,000 MNIST test images; dense LeNet-5: "
-        f"{dense['ort_accuracy']:.2%}, 430,500 weights. The rate asked for counts non-zero weights during "
-        "training; the layers written are smaller still, as the next layer's slices of a removed channel go "
-        "too. The baseline prunes the same groups per layer by L2 norm (the criterion of "
+        f"{dense['ort_accuracy']:.2%}, 430,500 weights. The rate asked for counts the weights written "
+        "(onnxadmm trains to the lower rate at which the layers, once the removed channels and the next "
+        "layer's slices of them are cut out, hold that many). The baseline prunes the same groups per layer by L2 norm (the criterion of "
         "`torch.nn.utils.prune.ln_structured`) over the same steps and epochs, with masked fine-tuning. "
         "With filter pruning the classifier (fc2) keeps its 10 outputs and is pruned weight by weight in "
         "both; with channel pruning, fc1 prunes whole conv2 channels (blocks of 4x4 features). Latency: "
