@@ -209,7 +209,7 @@ def test_report_contents(baseline):
     assert rep["target_rate"] == 20.0
     # the report holds the settings used: the automatic distillation weight resolved (labels, classifier)
     # and the final step's retraining (20x: no restart, as the other steps)
-    resolved = {"distill": 1.0, "final_retrain_lr": 1e-3, "final_retrain_epochs": FAST["retrain_epochs"]}
+    resolved = {"distill": 1.0, "final_retrain_lr": 1e-3, "final_retrain_epochs": FAST["retrain_epochs"], "allocation_power": 0.3}
     assert rep["config"] == CompressConfig(rate=20, seed=0, **resolved, **FAST).validate().to_dict()
     acc = rep["accuracy"]
     assert set(acc) == {"original", "compressed"}

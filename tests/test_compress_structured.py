@@ -63,6 +63,7 @@ def test_filter_pruning_writes_smaller_layers(filter_run):
     # --rate counts the weights written: training stops at a lower rate, as a removed filter takes the
     # next layer's slices with it (the rate is fitted on the initial weights' norms, hence the margin)
     assert rep["target_rate"] == 4.0 and 1.0 < rep["training_rate"] < 4.0
+    assert rep["config"]["allocation_power"] == 1.0  # structured default: the same fraction of every layer
     assert rep["pruning_rate"] == pytest.approx(4.0, rel=0.15)
 
 
@@ -262,3 +263,13 @@ def test_no_shrink_structured_rate_counts_training_weights(tmp_path):
     assert rep["training_rate"] == rep["target_rate"] == 4.0 and rep["shrunk"] is None
     assert rep["pruning_rate"] == pytest.approx(4.0, rel=0.05)
     assert all("shape_after" not in x for x in rep["layers"])
+
+
+def test_allocation_power_default_depends_on_the_structure():
+    from onnxadmm.compress.config import CompressConfig
+
+    assert CompressConfig().power() == 0.3
+    assert CompressConfig(structure="channel").power() == 1.0
+    assert CompressConfig(structure="filter", allocation_power=0.5).validate().power() == 0.5
+    # resolved only where it is used: a structure set after a config file still gets its default
+    assert CompressConfig().validate().updated(structure="filter").validate().power() == 1.0

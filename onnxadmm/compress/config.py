@@ -47,7 +47,9 @@ class CompressConfig:
     edge_bits: int | None = None  # bits for the first and last compressible layers (None: as --bits)
     layer_rates: dict = field(default_factory=dict)  # {onnx weight name: rate} fixed per-layer rates
     exclude: list = field(default_factory=list)  # weight names or glob patterns left dense
-    allocation_power: float = 0.3  # automatic per-layer rates: layer i keeps c * n_i ** power weights
+    # automatic per-layer rates: layer i keeps c * n_i ** power weights (None: auto, 0.3 for single
+    # weights, 1.0, the same fraction of every layer's groups, with --structure)
+    allocation_power: float | None = None
     progressive: bool = True  # reach high rates in steps
     step_factor: float = 8.0  # largest rate ratio between two progressive steps
     admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
@@ -127,11 +129,19 @@ class CompressConfig:
         for name in ("epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        if not 0 <= self.allocation_power <= 1:
+        if self.allocation_power is not None and not 0 <= self.allocation_power <= 1:
             raise ConfigError(f"allocation_power {self.allocation_power!r}: expected a number from 0 to 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
         return self
+
+    def power(self) -> float:
+        """The allocation power in effect: ``allocation_power``, or by default 0.3 for unstructured
+        pruning (LeNet-5: the small, sensitive layers keep more) and 1.0 for structured pruning
+        (LeNet-5 channel pruning at 20x: 99.17% against 98.02% at 0.3, which left conv2 2 filters)."""
+        if self.allocation_power is not None:
+            return self.allocation_power
+        return 0.3 if self.structure == "none" else 1.0
 
     def restarts(self, prunes: bool = True) -> bool:
         """Whether the final step's retraining restarts at a higher lr by default."""

@@ -189,6 +189,7 @@ def compress(
     with torch.no_grad():
         start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
     groups, biases, views = _structure(cfg, proto, weights, log)
+    cfg.allocation_power = cfg.power()  # (auto resolved: the report shows the value used)
     rate = cfg.rate  # the rate training prunes to (non-zero weights)
     if groups and cfg.shrink and cfg.rate > 1:
         # --rate counts the weights written: a removed filter takes the next layer's slices with it,
