@@ -14,7 +14,7 @@ import torch
 from ..data import Dataset
 from .config import CompressConfig
 from .objective import Head, label_indices, loss_fn, predictions
-from .pruning import group_mask, topk_mask
+from .pruning import alive_channels, layer_support
 
 
 @dataclass
@@ -182,25 +182,16 @@ class Engine:
     def support(self, n: str, w: torch.Tensor, keep: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Entries of layer ``n`` kept at ``keep`` weights: the largest magnitudes, or with structured
         pruning the groups (filters, channels, filter shapes) of largest L2 norm."""
-        dims = self.groups.get(n)
-        if dims is None or keep >= w.numel():
-            return topk_mask(w, keep, mask)
-        view = self.views.get(n)
-        if view is not None:
-            m = None if mask is None else mask.reshape(view)
-            return group_mask(w.reshape(view), keep, dims, m).reshape(w.shape)
-        return group_mask(w, keep, dims, mask)
+        return layer_support(w, keep, self.groups.get(n), self.views.get(n), mask)
 
     def _mask_bias(self, n: str):
         """Zero (and keep zero) the per-channel constants (bias; BN scale and bias) of the filters that
         layer ``n``'s mask removed whole, so their channels are exactly 0 and can be cut out."""
         if n not in self.state.masks or n not in self.groups or not self.biases.get(n):
             return
-        mask = self.state.masks[n]
-        out = [a for a in range(mask.dim()) if a not in self.groups[n]]
-        if len(out) != 1:
+        alive = alive_channels(self.state.masks[n], self.groups[n])
+        if alive is None:
             return
-        alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
         for b in self.biases[n]:
             p = self.bias_params[b]
             if p.numel() == alive.numel():

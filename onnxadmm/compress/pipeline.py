@@ -507,7 +507,7 @@ def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dic
     one), keeps the lowest rate that meets the budget."""
     from ..export.shrink import shrink_channels
     from ..export.writer import initializer_values, with_weights
-    from .pruning import group_mask, topk_mask
+    from .pruning import alive_channels, layer_support
 
     budget = sum(sizes.values()) / cfg.rate
 
@@ -524,17 +524,11 @@ def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dic
             w = torch.as_tensor(np.asarray(state[n], np.float32))
             allowed = (w != 0) if start[n] < sizes[n] else None
             dims = groups.get(n)
-            if dims is None:
-                mask = topk_mask(w, k, allowed)
-            elif n in views:
-                m = None if allowed is None else allowed.reshape(views[n])
-                mask = group_mask(w.reshape(views[n]), k, dims, m).reshape(w.shape)
-            else:
-                mask = group_mask(w, k, dims, allowed)
+            mask = layer_support(w, k, dims, views.get(n), allowed)  # what training's projection keeps
             st[n] = (w * mask).numpy()
-            out = [a for a in range(mask.dim()) if a not in (dims or ())]
-            if dims is not None and n not in views and len(out) == 1:
-                alive = mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1).numpy()
+            alive = alive_channels(mask, dims) if dims is not None and n not in views else None
+            if alive is not None:
+                alive = alive.numpy()
                 for b in biases.get(n, ()):
                     if b in st and np.asarray(st[b]).size == alive.size:
                         st[b] = np.asarray(st[b]) * alive.reshape(np.shape(st[b]))

@@ -150,3 +150,30 @@ def group_mask(
     if allowed is not None:
         mask &= allowed.bool()
     return mask
+
+
+def layer_support(
+    w: torch.Tensor,
+    keep: int,
+    dims: tuple[int, ...] | None = None,
+    view: tuple[int, ...] | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask of a layer's entries kept at ``keep`` weights: the largest magnitudes, or with
+    structured pruning (``dims``: the axes a group's norm sums over) the groups of largest L2 norm,
+    taken on ``w.reshape(view)`` when the groups are blocks that a view exposes."""
+    if dims is None or keep >= w.numel():
+        return topk_mask(w, keep, allowed)
+    if view is not None:
+        m = None if allowed is None else allowed.reshape(view)
+        return group_mask(w.reshape(view), keep, dims, m).reshape(w.shape)
+    return group_mask(w, keep, dims, allowed)
+
+
+def alive_channels(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
+    """For a group mask whose groups span every axis but one (filters: all but the output axis),
+    whether each index of that axis keeps any entry; None for other group shapes."""
+    out = [a for a in range(mask.dim()) if a not in dims]
+    if len(out) != 1:
+        return None
+    return mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
