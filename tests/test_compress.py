@@ -429,6 +429,20 @@ def test_iterable_of_batches(baseline, tmp_path, digits):
     assert same_weights(out, baseline["out"])
 
 
+def test_top_level_api(baseline, tmp_path):
+    """``onnxadmm.compress(...)`` is the pipeline (the package is callable): same run, same weights;
+    ``onnxadmm.CompressConfig`` is the config class, and the submodules stay importable."""
+    import onnxadmm
+    import onnxadmm.compress.pipeline as pipeline
+
+    out = tmp_path / "api.onnx"
+    cfg = onnxadmm.CompressConfig(rate=20, seed=0, **FAST)
+    rep = onnxadmm.compress(MODEL, out, "digits", config=cfg, quiet=True)
+    check_report(rep)
+    assert same_weights(out, baseline["out"])
+    assert pipeline.compress is compress and onnxadmm.CompressConfig is CompressConfig
+
+
 class _LabelsDropped(Exception):
     pass
 
