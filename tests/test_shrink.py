@@ -393,7 +393,99 @@ def test_blocked_layers_say_what_keeps_their_channels():
     ]
     res = shrink_channels(_model(nodes, inits, ["N", 4, 3, 3], ["N", 4, 3, 3]))
     assert res.removed == {}
-    assert res.blocked == {"w1": "Add node 'residual'", "w2": "Add node 'residual'"}
+    # the residual sum is followed (w1 and w2 together) up to the graph output
+    assert res.blocked == {"w1": "graph output 'y'", "w2": "graph output 'y'"}
+    # a sum with the graph input: the other branch has no layer whose filter could go
+    nodes[3] = helper.make_node("Add", ["c", "x"], ["y"], name="skip")
+    res = shrink_channels(_model(nodes, inits, ["N", 4, 3, 3], ["N", 4, 3, 3]))
+    assert res.blocked["w2"] == "Add node 'skip' (adds a tensor from another source)"
+
+
+def _residual(bn=True):
+    """ResNet-style: stem conv (BN, ReLU) -> block [conv-BN-ReLU-conv-BN] + identity -> ReLU ->
+    block with a 1x1 projection shortcut -> ReLU -> global pool -> flatten -> gemm."""
+    inits = {
+        "w0": _f(6, 3, 3, 3), "b0": _f(6),
+        "w1": _f(6, 6, 3, 3), "b1": _f(6),
+        "w2": _f(6, 6, 3, 3), "b2": _f(6),
+        "w3": _f(8, 6, 3, 3), "b3": _f(8),
+        "w4": _f(8, 8, 3, 3), "b4": _f(8),
+        "wp": _f(8, 6, 1, 1), "bp": _f(8),
+        "wf": _f(5, 8), "bf": _f(5),
+    }  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["a0"], pads=[1] * 4)]
+    if bn:
+        inits.update({"s0": 1 + _f(6, scale=0.1), "t0": _f(6), "m0": _f(6), "v0": 1 + np.abs(_f(6))})
+        nodes.append(helper.make_node("BatchNormalization", ["a0", "s0", "t0", "m0", "v0"], ["n0"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["a0"], ["n0"]))
+    nodes += [
+        helper.make_node("Relu", ["n0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["a1"], pads=[1] * 4),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["a2"], pads=[1] * 4),
+        helper.make_node("Add", ["a2", "r0"], ["s1"]),
+        helper.make_node("Relu", ["s1"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["a3"], pads=[1] * 4),
+        helper.make_node("Relu", ["a3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4", "b4"], ["a4"], pads=[1] * 4),
+        helper.make_node("Conv", ["r2", "wp", "bp"], ["ap"]),
+        helper.make_node("Add", ["ap", "a4"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["r4"]),
+        helper.make_node("GlobalAveragePool", ["r4"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
+    ]
+    return nodes, inits
+
+
+def test_residual_sums_couple_their_layers():
+    from onnxadmm.export.shrink import coupled_layers, removable_channels
+
+    nodes, inits = _residual()
+    m = _model(nodes, inits, ["N", 3, 6, 6], ["N", 5])
+    assert sorted(map(sorted, coupled_layers(m))) == [["w0", "w2"], ["w4", "wp"]]
+    got = removable_channels(m)
+    assert got == {n: None for n in ("w0", "w1", "w2", "w3", "w4", "wp")} | {"wf": "graph output 'y'"}
+
+
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "no-bn"])
+def test_residual_stream_loses_a_filter_pruned_in_every_branch(bn):
+    """Filter 2 pruned in the stem and in the block's last conv (the two sides of the first sum),
+    filter 5 in the second stage's two sides: those channels go from both producers and from every
+    reader of the stream (the block's first conv, the next stage's conv and projection, the head),
+    their constants folded into the readers' biases; outputs unchanged in onnxruntime."""
+    nodes, inits = _residual(bn=bn)
+    # as training zeroes them: the removed filters' biases (and BN scale and shift), so the stream's
+    # channel is exactly 0 where padded convolutions read it
+    for k in ("w0", "b0", "w2", "b2") + (("s0", "t0") if bn else ()):
+        inits[k][2] = 0
+    inits["w4"][5] = 0
+    inits["wp"][5] = 0
+    inits["w1"][3] = inits["b1"][3] = 0  # inside the block: not summed, goes alone
+    m = _model(nodes, inits, ["N", 3, 6, 6], ["N", 5])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    x = RNG.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert after["w0"].shape[0] == after["w2"].shape[0] == 5
+    assert after["w1"].shape == (5, 5, 3, 3) and after["w2"].shape[1] == 5
+    assert after["w3"].shape[1] == after["wp"].shape[1] == 5
+    assert after["w4"].shape[0] == after["wp"].shape[0] == 7 and after["wf"].shape == (5, 7)
+    assert res.removed == {"w0": 1, "w2": 1, "w1": 1, "w4": 1, "wp": 1}
+    if bn:
+        assert after["s0"].shape == (5,)
+
+
+def test_residual_filter_pruned_on_one_side_only_stays():
+    nodes, inits = _residual()
+    inits["w0"][2] = 0  # the sum still carries w2's filter 2
+    inits["w4"][5] = 0
+    m = _model(nodes, inits, ["N", 3, 6, 6], ["N", 5])
+    res = shrink_channels(m)
+    assert res.removed == {}
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
 
 
 def test_concat_of_two_layers_then_batchnorm_and_conv():
@@ -667,3 +759,30 @@ def test_paddle_style_constant_weights_and_hardswish_chain():
     x = _f(2, 2, 8, 8, scale=1.0)
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
     assert any(n.op_type == "Constant" for n in m.graph.node)  # the input model is left as it was
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.7], ids=["zero", "constant"])
+def test_conv_transpose_reader_loses_only_zero_channels(bias):
+    """A ConvTranspose reads a pruned filter's channel: a 0 channel goes (its weight row with it), a
+    nonzero constant one stays (through a transposed kernel it is not constant at the borders)."""
+    inits = {"w1": _f(4, 3, 3, 3), "b1": _f(4), "wt": _f(4, 2, 3, 3), "bt": _f(2)}
+    inits["w1"][1] = 0
+    inits["b1"][1] = bias
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1] * 4),
+        helper.make_node("Crop", ["a"], ["c"], border=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["y"], strides=[2, 2]),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 13, 13])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert after["wt"].shape == ((3, 2, 3, 3) if bias == 0 else (4, 2, 3, 3))
+    assert res.removed == ({"w1": 1} if bias == 0 else {})

@@ -9,17 +9,23 @@ pooling, BatchNormalization, scalar arithmetic) are sliced or carry the constant
 repeats until nothing changes, as a removed input channel can leave a filter constant in turn.
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
-that nothing else uses; between them unary activations, Max/Average/global pooling, inference
-BatchNormalization and InstanceNormalization, Dropout, Identity, scalar Mul/Add/Sub/Div, t * f(t)
+that nothing else uses (a ConvTranspose as a reader only, of channels that are exactly 0); between them unary activations, Max/Average/global pooling, inference
+BatchNormalization and InstanceNormalization, Dropout, Identity, Crop, scalar Mul/Add/Sub/Div, t * f(t)
 activations (SiLU, HardSwish), spatial Pad, depthwise convolutions (sliced with the channel), a
 Concat of channels (the layer's channels are then a slice of the readers' inputs), Transposes that
 move the channels last or back (TensorFlow/Keras exports), and a Flatten (axis 1) or a Reshape to
 (batch, features) before a dense layer: a constant target (initializer or Constant node) that
 static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)); after
-a channels-last flatten a channel's features are interleaved rather than a block. A
-channel that reaches anything else (an Add of two branches, a graph output, another grouped
-convolution) is kept, so residual models shrink inside their blocks only. The pass edits the
-ModelProto directly; callers check the result in onnxruntime.
+a channels-last flatten a channel's features are interleaved rather than a block.
+
+Residual connections: an Add (Sub, Sum) of two computed branches adds channel c of one to channel
+c of the other, so the layers that produce its inputs (the stem and every block's last convolution
+of a ResNet stage, a projection shortcut) are walked together as one group: a channel goes from
+all of them at once, when it is constant in every one (filter pruning coupled across the group,
+see :func:`coupled_layers`), and the sum carries the sum of their constants on. A channel that
+reaches anything else (a sum with a graph input, a graph output, another grouped convolution, an
+attention-style product) is kept. The pass edits the ModelProto directly; callers check the result
+in onnxruntime.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from onnx import numpy_helper
 
 from ..importer.analysis import _producers, topo_sort
 
-__all__ = ["shrink_channels", "ShrinkResult"]
+__all__ = ["shrink_channels", "ShrinkResult", "coupled_layers"]
 
 
 @dataclass
@@ -251,7 +257,7 @@ def _producer(G: _Graph, node) -> _Layer | None:
 @dataclass
 class _Reader:
     node: onnx.NodeProto
-    kind: str  # conv | gemm | matmul
+    kind: str  # conv | convT | gemm | matmul
     weight: str
     in_axis: int
     block: int  # features per channel (flattened conv output), else 1
@@ -271,13 +277,20 @@ class _Chain:
     tensors: list = field(default_factory=list)
 
 
-def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
-    """Follow ``layer``'s output to the layers that read it; None if anything else reads it."""
+def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain | None:
+    """Follow the layers' outputs to the layers that read them; None if anything else reads them.
+    Several layers whose outputs are summed (residual connections: an Add of two branches) are
+    walked together: the Add passes on the sum of its inputs' constants once every input arrived."""
     chain = _Chain()
+    layer = layers[0]  # (the layers of one walk are of one kind, with one channel count)
+    if any(x.kind != layer.kind or c.size != consts[0].size for x, c in zip(layers, consts, strict=True)):
+        G.block = "a sum of layers of different kinds or channel counts"
+        return None
     # tensor, per-channel constants, flattened (False, True: one block of features per channel, or
     # "interleave": channels-last), offset of the layer's channel 0 in it, its channels, and whether
     # the channels are on the last axis (after a Transpose to NHWC, as TensorFlow/Keras exports write)
-    todo = [(layer.out, const, False, 0, const.size, False)]
+    todo = [(x.out, c, False, 0, c.size, False) for x, c in zip(layers, consts, strict=True)]
+    pending: dict[int, dict] = {}  # id(sum node) -> {input index: (constants, flat, off, total, last)}
     seen = set()
     while todo:
         t, c, flat, off, total, last = todo.pop()
@@ -300,6 +313,20 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             gate = _gate(G, n, t)
             if gate == "inner":
                 continue  # the f(t) of a t * f(t) (SiLU, HardSwish): followed at the Mul
+            if _joins(G, n):  # a sum of branches: wait for every input, then go on with the sum
+                got = pending.setdefault(id(n), {})
+                got[list(n.input).index(t)] = (c, flat, off, total, last)
+                if len(got) < len(n.input):
+                    continue
+                del pending[id(n)]
+                metas = {v[1:] for v in got.values()}
+                if len(metas) != 1:
+                    return None
+                parts = [got[i][0] for i in range(len(n.input))]
+                with np.errstate(all="ignore"):
+                    c = parts[0] - parts[1] if n.op_type == "Sub" else np.sum(parts, axis=0)
+                todo.append((n.output[0], c, flat, off, total, last))
+                continue
             if n.input[0] != t and n.op_type != "Concat" and gate is None:
                 return None
             op, a = n.op_type, _attrs(n)
@@ -313,6 +340,8 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
             elif f is not None:
                 with np.errstate(all="ignore"):
                     todo.append((n.output[0], f(c.copy()), flat, off, total, last))
+            elif op == "Crop" and layer.kind == "conv" and not flat and not last:
+                todo.append((n.output[0], c, flat, off, total, last))  # (experimental op 1: a spatial crop)
             elif op in POOLS and layer.kind == "conv" and not flat and not last:
                 padded = _padded(a)
                 if op == "AveragePool" and padded and a.get("count_include_pad", 0):
@@ -396,6 +425,12 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 if bias is not None and not G.own(bias):
                     return None
                 chain.readers.append(_Reader(n, "conv", n.input[1], 1, 1, c, not padded, ("conv", bias), off))
+            elif op == "ConvTranspose" and layer.kind == "conv" and not flat and not last and G.own(n.input[1]):
+                # weight (in, out / group, ...): an input channel is a row; a constant one does not give
+                # a constant output (the kernel overlaps unevenly), so only zero channels go
+                if a.get("group", 1) != 1 or G.values[n.input[1]].shape[0] != total:
+                    return None
+                chain.readers.append(_Reader(n, "convT", n.input[1], 0, 1, c, False, None, off))
             elif (
                 op in ("Gemm", "MatMul")
                 and (flat or layer.kind == "fc" or (last and op == "MatMul"))  # (a MatMul on NHWC: a 1x1 conv)
@@ -429,8 +464,71 @@ def _walk(G: _Graph, layer: _Layer, const: np.ndarray) -> _Chain | None:
                 chain.readers.append(_Reader(n, kind, n.input[1], in_axis, block, c, ok, slot, off, flat == "interleave"))
             else:
                 return None
+    if pending:
+        n = next(x for x in G.g.node if id(x) in pending)
+        G.block = f"{n.op_type} node {n.name or n.output[0]!r} (adds a tensor from another source)"
+        return None
     G.block = "no Conv/Gemm/MatMul reading it"
     return chain if chain.readers else None
+
+
+def _joins(G: _Graph, n) -> bool:
+    """An Add, Sub or Sum of two or more computed tensors of one shape (a residual connection), as
+    opposed to adding a constant."""
+    if n.op_type not in ("Add", "Sub", "Sum") or len(n.input) < 2 or (n.op_type != "Sum" and len(n.input) != 2):
+        return False
+    if any(i in G.values or not i for i in n.input):
+        return False
+    known = [sh for sh in (G.shapes.get(i) for i in n.input) if sh is not None]
+
+    def same(a, b):  # symbolic or unknown dims match anything
+        return len(a) == len(b) and all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b))
+
+    return all(same(sh, known[0]) for sh in known)
+
+
+def _sums(G: _Graph, layers: dict[str, _Layer]) -> dict[str, list[str]]:
+    """{layer weight: the weights of every layer whose output channels are summed with its own}:
+    the producers of each residual stream (an Add of branches joins their channels: channel c of
+    one is added to channel c of the other, so both must lose it together). Found by labelling
+    each layer's output and carrying the label through the channel-wise ops the walk follows."""
+    label: dict[str, int] = {}  # tensor -> index of a layer's group
+    parent = list(range(len(layers)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_node = {id(x.node): i for i, x in enumerate(layers.values())}
+    names = list(layers)
+    outs = {x.out: by_node[id(x.node)] for x in layers.values()}
+    order = topo_sort(list(G.g.node), set(G.values) | G.inputs)
+    for n in order:
+        if not n.output:
+            continue
+        if n.output[0] in outs or id(n) in by_node:
+            if n.output[0] in outs:
+                label[n.output[0]] = outs[n.output[0]]
+            continue
+        ins = [label[i] for i in n.input if i in label]
+        if not ins:
+            continue
+        if _joins(G, n):
+            for i in ins[1:]:
+                parent[root(i)] = root(ins[0])
+            label[n.output[0]] = ins[0]
+        elif n.input[0] in label and (
+            _unary(n, G.values) is not None
+            or n.op_type in POOLS | {"BatchNormalization", "InstanceNormalization", "Pad", "Transpose", "Mul", "Crop"}
+            or (n.op_type == "Conv" and _attrs(n).get("group", 1) > 1)
+        ):
+            label[n.output[0]] = label[n.input[0]]
+    groups: dict[int, list[str]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(root(i), []).append(name)
+    return {name: groups[root(i)] for i, name in enumerate(names)}
 
 
 def _pad_of(G: _Graph, n, last: bool) -> float | None:
@@ -600,6 +698,8 @@ def _removable(G: _Graph, chain: _Chain, n_ch: int) -> list[int]:
 
 def _fold(G: _Graph, r: _Reader, dead: list[int]):
     """Add the constant input channels' contribution to the reader's bias."""
+    if not r.foldable:
+        return
     W = G.values[r.weight].astype(np.float64)
     if r.kind == "conv":
         n_out = W.shape[0]
@@ -630,8 +730,8 @@ def _fold(G: _Graph, r: _Reader, dead: list[int]):
     G.set(bias, (B.astype(np.float64) + add).reshape(np.broadcast_shapes(B.shape, add.shape)))
 
 
-def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: ShrinkResult):
-    n_ch = G.values[layer.weight].shape[layer.out_axis]
+def _apply(G: _Graph, layers: list[_Layer], chain: _Chain, dead: list[int], result: ShrinkResult):
+    n_ch = G.values[layers[0].weight].shape[layers[0].out_axis]
     keep = np.array([i for i in range(n_ch) if i not in set(dead)], dtype=np.int64)
     for r in chain.readers:
         _fold(G, r, dead)
@@ -640,10 +740,11 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
         cols = np.array([k for k in range(K) if k not in gone], dtype=np.int64)
         G.set(r.weight, np.take(G.values[r.weight], cols, axis=r.in_axis))
         _record(result, r.weight, r.in_axis, cols)
-    G.set(layer.weight, np.take(G.values[layer.weight], keep, axis=layer.out_axis))
-    _record(result, layer.weight, layer.out_axis, keep)
-    if layer.bias is not None and G.values[layer.bias].size == n_ch and n_ch > 1:
-        G.set(layer.bias, G.values[layer.bias].reshape(-1)[keep])
+    for layer in layers:
+        G.set(layer.weight, np.take(G.values[layer.weight], keep, axis=layer.out_axis))
+        _record(result, layer.weight, layer.out_axis, keep)
+        if layer.bias is not None and G.values[layer.bias].size == n_ch and n_ch > 1:
+            G.set(layer.bias, G.values[layer.bias].reshape(-1)[keep])
     for bn, off in chain.bns:
         for i in bn.input[1:5] if bn.op_type == "BatchNormalization" else bn.input[1:3]:
             rest = np.array([k for k in range(G.values[i].size) if k - off not in set(dead)], dtype=np.int64)
@@ -672,11 +773,12 @@ def _apply(G: _Graph, layer: _Layer, chain: _Chain, dead: list[int], result: Shr
                 elif old in G.const_nodes:
                     G.g.node.remove(G.const_nodes.pop(old))
                 G.values.pop(old)
-    changed = set(chain.tensors) | {layer.node.output[0]}  # (a MatMul's output before its bias Add)
+    changed = set(chain.tensors) | {x.node.output[0] for x in layers}  # (a MatMul's output before its bias Add)
     keep_vi = [vi for vi in G.g.value_info if vi.name not in changed]
     del G.g.value_info[:]
     G.g.value_info.extend(keep_vi)
-    result.removed[layer.weight] = result.removed.get(layer.weight, 0) + len(dead)
+    for layer in layers:
+        result.removed[layer.weight] = result.removed.get(layer.weight, 0) + len(dead)
 
 
 def _record(result: ShrinkResult, name: str, axis: int, idx: np.ndarray):
@@ -724,38 +826,80 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
     G = _Graph(out)
     while True:
         changed = False
-        for node in list(out.graph.node):
-            layer = _producer(G, node)
-            if layer is None:
+        layers = _layers(G)
+        sums = _sums(G, layers)
+        done = set()
+        for name in layers:
+            if name in done:
                 continue
-            W = G.values[layer.weight]
-            n_ch = W.shape[layer.out_axis]
+            done.update(sums[name])
+            # (afresh: folding a constant into a reader may have given that layer a bias)
+            group = [_producer(G, layers[x].node) for x in sums[name]]
+            if any(x is None for x in group):
+                continue
+            n_ch = G.values[group[0].weight].shape[group[0].out_axis]
             if n_ch < 2:
                 continue
-            zero = ~np.moveaxis(W, layer.out_axis, 0).reshape(n_ch, -1).any(axis=1)
-            if layer.bias is not None:
-                B = G.values[layer.bias].astype(np.float64).reshape(-1)
-                bias = B if B.size == n_ch else np.full(n_ch, B[0] if B.size else 0.0)
-            else:
-                bias = np.zeros(n_ch)
-            if node.op_type == "Gemm":
-                bias = bias * _attrs(node).get("beta", 1.0)
-            const = np.where(zero, bias, np.nan)
-            chain = _walk(G, layer, const)
+            chain = _walk(G, group, [_constants(G, x) for x in group])
             if chain is None:
-                result.blocked[layer.weight] = G.block
+                for x in group:
+                    result.blocked[x.weight] = G.block
                 continue
-            result.blocked.pop(layer.weight, None)
+            for x in group:
+                result.blocked.pop(x.weight, None)
             dead = _removable(G, chain, n_ch)
             if len(dead) == n_ch:
                 dead = dead[1:]  # keep one channel: no zero-sized tensors
             if dead:
-                _apply(G, layer, chain, dead, result)
+                _apply(G, group, chain, dead, result)
                 G.refresh_shapes()
                 changed = True
         if not changed:
             break
     return result
+
+
+def _layers(G: _Graph) -> dict[str, _Layer]:
+    """{weight: layer} for every layer whose output channels may be removed, in graph order."""
+    out = {}
+    for node in G.g.node:
+        layer = _producer(G, node)
+        if layer is not None and layer.weight not in out:
+            out[layer.weight] = layer
+    return out
+
+
+def _constants(G: _Graph, layer: _Layer) -> np.ndarray:
+    """Per output channel of ``layer``: the constant it outputs (its bias) where its weights are all
+    zero, else NaN."""
+    W = G.values[layer.weight]
+    n_ch = W.shape[layer.out_axis]
+    zero = ~np.moveaxis(W, layer.out_axis, 0).reshape(n_ch, -1).any(axis=1)
+    if layer.bias is not None:
+        B = G.values[layer.bias].astype(np.float64).reshape(-1)
+        bias = B if B.size == n_ch else np.full(n_ch, B[0] if B.size else 0.0)
+    else:
+        bias = np.zeros(n_ch)
+    if layer.node.op_type == "Gemm":
+        bias = bias * _attrs(layer.node).get("beta", 1.0)
+    return np.where(zero, bias, np.nan)
+
+
+def coupled_layers(model: onnx.ModelProto) -> list[list[str]]:
+    """Groups of two or more layer weights whose output channels are summed together (residual
+    connections): filter pruning must remove the same filters from all of them for the channels to
+    leave the file."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _promote_constants(m)
+    G = _Graph(m)
+    sums = _sums(G, _layers(G))
+    out, seen = [], set()
+    for name, group in sums.items():
+        if len(group) > 1 and name not in seen:
+            out.append(list(group))
+            seen.update(group)
+    return out
 
 
 def channel_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
@@ -804,6 +948,8 @@ def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
     model_copy.CopyFrom(model)
     _promote_constants(model_copy)
     G = _Graph(model_copy)
+    layers = _layers(G)
+    sums = _sums(G, layers)
     out: dict[str, str | None] = {}
     for node in model_copy.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
@@ -820,7 +966,8 @@ def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
             else:
                 out[w] = "its weights or bias are shared, not an initializer, or a graph output"
             continue
+        group = [layers[x] for x in sums[layer.weight]]
         n_ch = G.values[layer.weight].shape[layer.out_axis]
-        chain = _walk(G, layer, np.full(n_ch, np.nan))
+        chain = _walk(G, group, [np.full(n_ch, np.nan)] * len(group))
         out[w] = None if chain is not None else G.block
     return out
