@@ -273,3 +273,55 @@ def test_allocation_power_default_depends_on_the_structure():
     assert CompressConfig(structure="filter", allocation_power=0.5).validate().power() == 0.5
     # resolved only where it is used: a structure set after a config file still gets its default
     assert CompressConfig().validate().updated(structure="filter").validate().power() == 1.0
+
+
+def _residual_digits(path):
+    """A small ResNet for the digits data (random weights): stem conv-BN-ReLU (16 filters), a basic
+    block conv-BN-ReLU-conv-BN plus the identity, ReLU, global pool, dense head."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+
+    def he(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {"w0": he(16, 1, 3, 3), "w1": he(16, 16, 3, 3), "w2": he(16, 16, 3, 3), "wf": he(10, 16), "bf": np.zeros(10, np.float32)}
+    nodes = []
+    for i, (src, w) in enumerate([("input", "w0"), ("r0", "w1"), ("r1", "w2")]):
+        for k, v in {"s": 1.0, "b": 0.0, "m": 0.0, "v": 1.0}.items():
+            inits[f"{k}{i}"] = np.full(16, v, np.float32) + (rng.standard_normal(16) * 0.1).astype(np.float32)
+        inits[f"v{i}"] = np.abs(inits[f"v{i}"])
+        nodes.append(helper.make_node("Conv", [src, w], [f"c{i}"], pads=[1] * 4))
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"n{i}"], [f"r{i}"]))
+    nodes += [
+        helper.make_node("Add", ["n2", "r0"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    g = helper.make_graph(
+        nodes, "resnet", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def test_filter_pruning_of_a_residual_stream_removes_its_channels(tmp_path):
+    """The stem and the block's last conv are summed: filter pruning keeps the same filters in both,
+    so the stream's channels leave the file (both producers, the block's first conv, BN, the head),
+    checked in onnxruntime against the unshrunk model."""
+    src = tmp_path / "resnet.onnx"
+    _residual_digits(src)
+    logs: list[str] = []
+    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="filter", log=logs.append, **FAST)
+    assert any("1 group(s) of layers summed by residual connections" in s for s in logs), logs
+    assert rep["shrunk"]["checked"]
+    w = onnx_weights(tmp_path / "out.onnx")
+    assert w["w0"].shape[0] == w["w2"].shape[0] == w["w1"].shape[1] == w["wf"].shape[1] < 16
+    assert rep["pruning_rate"] == pytest.approx(3.0, rel=0.2)

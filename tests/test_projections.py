@@ -446,3 +446,36 @@ def test_structure_setting_validated():
     assert CompressConfig(structure="filter").validate().structure == "filter"
     with pytest.raises(ConfigError, match="structure"):
         CompressConfig(structure="rows").validate()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 5), pruned=st.booleans())
+def test_coupled_support_is_the_joint_projection(seed, k, pruned):
+    """Two layers summed by a residual connection (5 filters each, one 4-D, one 2-D): the masks keep
+    the same filters in both (feasible), those of largest joint norm among every k-subset (optimal),
+    give the same masks again on the projected weights (idempotent), and keep a pruned filter pruned."""
+    from onnxadmm.compress.pruning import coupled_support
+
+    g = torch.Generator().manual_seed(seed)
+    ws = {"a": torch.randn(5, 3, 2, 2, generator=g), "b": torch.randn(4, 5, generator=g)}
+    dims = {"a": (1, 2, 3), "b": (0,)}
+    keeps = {"a": k * 12, "b": k * 4}  # k filters' worth in both
+    allowed = {"a": None, "b": None}
+    if pruned:
+        allowed["b"] = torch.ones(4, 5, dtype=torch.bool)
+        allowed["b"][:, 0] = False  # filter 0 was removed earlier
+    masks = coupled_support(ws, keeps, dims, allowed)
+    alive_a = masks["a"].reshape(5, -1).any(dim=1)
+    alive_b = masks["b"].any(dim=0)
+    assert torch.equal(alive_a, alive_b)  # the same filters in both layers
+    assert bool(masks["a"][alive_a].all()) and bool(masks["b"][:, alive_b].all())  # whole filters
+    k_eff = min(k, 4) if pruned else k
+    assert int(alive_a.sum()) == k_eff
+    if pruned:
+        assert not bool(alive_a[0])
+    joint = ws["a"].reshape(5, -1).pow(2).sum(1) + ws["b"].pow(2).sum(0)
+    cands = [c for c in itertools.combinations(range(5), k_eff) if not (pruned and 0 in c)]
+    best = max(float(joint[list(c)].sum()) for c in cands)
+    assert float(joint[alive_a].sum()) == pytest.approx(best, rel=1e-6)
+    again = coupled_support({n: ws[n] * masks[n] for n in ws}, keeps, dims, allowed)
+    assert all(torch.equal(again[n], masks[n]) for n in ws)

@@ -14,7 +14,7 @@ import torch
 from ..data import Dataset
 from .config import CompressConfig
 from .objective import Head, label_indices, loss_fn, predictions
-from .pruning import alive_channels, layer_support
+from .pruning import alive_channels, coupled_support, layer_support
 
 
 @dataclass
@@ -91,6 +91,7 @@ class Engine:
         groups: dict[str, tuple[int, ...]] | None = None,
         biases: dict[str, list[str]] | None = None,
         views: dict[str, tuple[int, ...]] | None = None,
+        couples: list[list[str]] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
@@ -105,6 +106,8 @@ class Engine:
         # its filters so that a removed filter's channel is exactly 0
         self.groups = dict(groups or {})
         self.views = dict(views or {})  # a layer whose groups are blocks: the shape that exposes them
+        # filter-pruned layers whose outputs are summed (residual streams): they keep the same filters
+        self.couples = [list(c) for c in (couples or []) if all(n in self.groups for n in c)]
         trainable = {name for name, _ in module.named_onnx_parameters()}
         self.biases = {
             n: [b for b in bs if b in trainable] for n, bs in (biases or {}).items() if n in self.groups
@@ -217,25 +220,43 @@ class Engine:
                 else:
                     p.grad.add_(term, alpha=st.rho)
 
-    def project(self, n: str, w: torch.Tensor, step: int) -> torch.Tensor:
-        """Euclidean projection of ``w`` onto layer ``n``'s set at ``step``: the support first (the
-        kept count inside the existing mask), then, in a quantization step, the levels on it."""
-        keep, mask = self.keep[step][n], self.state.masks.get(n)
-        support = self.support(n, w, keep, mask)
-        z = w * support
-        spec = (self.quant[step] or {}).get(n)
-        if spec is not None:  # levels fitted on the support (a dense layer: on every entry)
-            z, _ = spec.project(z, support if (keep < w.numel() or mask is not None) else None)
-            z = z.to(w.dtype)
-        return z
+    def supports(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Each layer's support at ``step`` (the kept count inside its existing mask): coupled layers
+        (:attr:`couples`) choose their filters together, the others alone."""
+        keep, masks = self.keep[step], self.state.masks
+        out = {}
+        for c in self.couples:
+            if all(n in ws and keep[n] < ws[n].numel() for n in c):
+                out.update(
+                    coupled_support({n: ws[n] for n in c}, keep, self.groups, {n: masks.get(n) for n in c})
+                )
+        for n, w in ws.items():
+            if n not in out:
+                out[n] = self.support(n, w, keep[n], masks.get(n))
+        return out
+
+    def project(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Euclidean projection of each ``ws[n]`` onto layer ``n``'s set at ``step``: the support first
+        (:meth:`supports`), then, in a quantization step, the levels on it."""
+        out = {}
+        for n, support in self.supports(ws, step).items():
+            w = ws[n]
+            z = w * support
+            spec = (self.quant[step] or {}).get(n)
+            if spec is not None:  # levels fitted on the support (a dense layer: on every entry)
+                partial = self.keep[step][n] < w.numel() or self.state.masks.get(n) is not None
+                z, _ = spec.project(z, support if partial else None)
+                z = z.to(w.dtype)
+            out[n] = z
+        return out
 
     def z_step(self, step: int):
         st = self.state
         with torch.no_grad():
-            for n in self.names:
-                w = self.params[n]
-                st.Z[n] = self.project(n, w + st.U[n], step)
-                st.U[n] = st.U[n] + w - st.Z[n]
+            ws = {n: self.params[n] + st.U[n] for n in self.names}
+            for n, z in self.project(ws, step).items():
+                st.Z[n] = z
+                st.U[n] = st.U[n] + self.params[n] - z
 
     def residual(self) -> float:
         """Relative primal residual sum ||W - Z|| / sum ||W|| over compressible layers."""
@@ -248,18 +269,17 @@ class Engine:
         st = self.state
         st.rho = self.cfg.rho
         with torch.no_grad():
-            for n in self.names:
-                st.Z[n] = self.project(n, self.params[n].detach().clone(), step)
-                st.U[n] = torch.zeros_like(st.Z[n])
+            st.Z = self.project({n: self.params[n].detach().clone() for n in self.names}, step)
+            st.U = {n: torch.zeros_like(z) for n, z in st.Z.items()}
 
     def hard_prune(self, step: int):
         """Masked mapping: fix the support (and, in a quantization step, the levels) for retraining."""
         st = self.state
         with torch.no_grad():
-            for n in self.names:
-                if self.keep[step][n] < self.params[n].numel() or n in st.masks:
-                    st.masks[n] = self.support(n, self.params[n], self.keep[step][n], st.masks.get(n))
-                    self._mask_bias(n)
+            pruned = [n for n in self.names if self.keep[step][n] < self.params[n].numel() or n in st.masks]
+            for n, support in self.supports({n: self.params[n] for n in pruned}, step).items():
+                st.masks[n] = support
+                self._mask_bias(n)
             self.apply_masks()
             for n, spec in (self.quant[step] or {}).items():
                 w = self.params[n]

@@ -188,13 +188,13 @@ def compress(
     # and its zeros stay pruned (also when it is only quantized: a binarized zero would become +-q)
     with torch.no_grad():
         start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
-    groups, biases, views = _structure(cfg, proto, weights, log)
+    groups, biases, views, couples = _structure(cfg, proto, weights, log)
     cfg.allocation_power = cfg.power()  # (auto resolved: the report shows the value used)
     rate = cfg.rate  # the rate training prunes to (non-zero weights)
     if groups and cfg.shrink and cfg.rate > 1:
         # --rate counts the weights written: a removed filter takes the next layer's slices with it,
         # so training stops at the lower rate whose smaller layers hold total/--rate weights
-        rate = _written_rate(cfg, proto, module.onnx_state(), sizes, start, groups, views, biases)
+        rate = _written_rate(cfg, proto, module.onnx_state(), sizes, start, groups, views, biases, couples)
         log(
             f"{cfg.structure} pruning: {rate:.3g}x of the weights in training leaves layers "
             f"{cfg.rate:.3g}x smaller once the removed channels are cut out"
@@ -231,7 +231,7 @@ def compress(
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
     engine = Engine(
         module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
-        views=views,
+        views=views, couples=couples,
     )  # fmt: skip
     units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
@@ -441,17 +441,19 @@ def compress(
     return rep
 
 
-def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, dict]:
+def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, dict, list]:
     """Structured pruning: the axes each layer's group norms sum over, (filter pruning) the constants
-    zeroed with each removed filter, and the block views of dense layers that read a flattened
+    zeroed with each removed filter, the block views of dense layers that read a flattened
     convolution output (channel pruning: one group per convolution channel, i.e. per block of input
-    features, so whole channels go). Filter pruning leaves the last layers (the classifier heads,
-    whose outputs are the classes) to unstructured pruning; excluded layers stay dense either way."""
-    from ..export.shrink import channel_blocks
+    features, so whole channels go), and (filter pruning) the groups of layers whose outputs are
+    summed by residual connections, which keep the same filters. Filter pruning leaves the last
+    layers (the classifier heads, whose outputs are the classes) to unstructured pruning; excluded
+    layers stay dense either way."""
+    from ..export.shrink import channel_blocks, coupled_layers
     from .pruning import group_dims
 
     if cfg.structure == "none":
-        return {}, {}, {}
+        return {}, {}, {}, []
     heads = analysis.last_layers(proto, weights) if cfg.structure == "filter" else set()
     blocks = channel_blocks(proto) if cfg.structure == "channel" else {}
     groups, views = {}, {}
@@ -474,7 +476,20 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
     if left:
         log(f"{cfg.structure} pruning; pruned weight by weight instead: {', '.join(left)}")
     biases = analysis.biases_of(proto) if cfg.structure == "filter" else {}
-    return groups, biases, views
+    couples = []
+    if cfg.structure == "filter":
+        # a residual stream: all its layers filter-pruned, else none is coupled (a dense or
+        # unstructured member keeps the stream's channels whatever the others do)
+        outs = {w.name: w.shape[w.out_axis] for w in weights if w.out_axis is not None}
+        couples = [
+            c for c in coupled_layers(proto) if all(n in groups and n in outs for n in c) and len({outs[n] for n in c}) == 1
+        ]
+        if couples:
+            log(
+                f"filter pruning: {len(couples)} group(s) of layers summed by residual connections "
+                f"keep the same filters ({sum(map(len, couples))} layers)"
+            )
+    return groups, biases, views, couples
 
 
 def _same_outputs(a: list, b: list) -> tuple[bool, float]:
@@ -498,7 +513,9 @@ def _same_outputs(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
-def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dict, views: dict, biases: dict) -> float:
+def _written_rate(
+    cfg, proto, state: dict, sizes: dict, start: dict, groups: dict, views: dict, biases: dict, couples: list
+) -> float:
     """Structured pruning: the training rate (non-zero weights) at which the layers written after
     shrinking hold ``total / cfg.rate`` weights. Each trial masks the current weights as training's
     projection would (whole groups of largest norm, the heads by magnitude, the removed filters'
@@ -507,7 +524,7 @@ def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dic
     one), keeps the lowest rate that meets the budget."""
     from ..export.shrink import shrink_channels
     from ..export.writer import initializer_values, with_weights
-    from .pruning import alive_channels, layer_support
+    from .pruning import alive_channels, coupled_support, layer_support
 
     budget = sum(sizes.values()) / cfg.rate
 
@@ -517,14 +534,16 @@ def _written_rate(cfg, proto, state: dict, sizes: dict, start: dict, groups: dic
         except ConfigError:  # fixed-rate layers already prune more than r
             return math.inf
         st = dict(state)
-        for n in sizes:
-            k = min(keep[n], start[n])
-            if k >= sizes[n]:
-                continue
-            w = torch.as_tensor(np.asarray(state[n], np.float32))
-            allowed = (w != 0) if start[n] < sizes[n] else None
+        ks = {n: min(keep[n], start[n]) for n in sizes}
+        ws = {n: torch.as_tensor(np.asarray(state[n], np.float32)) for n in sizes if ks[n] < sizes[n]}
+        alloweds = {n: (w != 0) if start[n] < sizes[n] else None for n, w in ws.items()}
+        masks = {}  # what training's projection keeps
+        for c in couples:
+            if all(n in ws for n in c):
+                masks.update(coupled_support({n: ws[n] for n in c}, ks, groups, {n: alloweds[n] for n in c}))
+        for n, w in ws.items():
             dims = groups.get(n)
-            mask = layer_support(w, k, dims, views.get(n), allowed)  # what training's projection keeps
+            mask = masks[n] if n in masks else layer_support(w, ks[n], dims, views.get(n), alloweds[n])
             st[n] = (w * mask).numpy()
             alive = alive_channels(mask, dims) if dims is not None and n not in views else None
             if alive is not None:

@@ -177,3 +177,44 @@ def alive_channels(mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | 
     if len(out) != 1:
         return None
     return mask.movedim(out[0], 0).reshape(mask.shape[out[0]], -1).any(dim=1)
+
+
+def coupled_support(
+    ws: dict[str, torch.Tensor],
+    keeps: dict[str, int],
+    dims: dict[str, tuple[int, ...]],
+    allowed: dict[str, torch.Tensor | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Filter masks of layers whose output channels are summed (a residual stream): the same
+    filters kept in every one, those with the largest joint L2 norm sum_l ||w_l[c]||^2, which is
+    the Euclidean projection onto {the same at most k filters non-zero in all}. ``k`` is the mean
+    of the layers' own filter budgets (``keeps[l]`` weights over the filter size); ``dims`` the
+    axes a filter's norm sums over (all but the output axis); a filter that some layer's
+    ``allowed`` mask pruned stays pruned in all of them."""
+    allowed = allowed or {}
+    names = list(ws)
+    outs = {n: next(a for a in range(ws[n].dim()) if a not in dims[n]) for n in names}
+    n_ch = ws[names[0]].shape[outs[names[0]]]
+    norms = torch.zeros(n_ch, dtype=torch.float64)
+    alive = torch.ones(n_ch, dtype=torch.bool)
+    budget = 0.0
+    for n in names:
+        x = ws[n].detach()
+        if allowed.get(n) is not None:
+            x = x * allowed[n]
+            alive &= alive_channels(allowed[n].bool(), dims[n])
+        norms += x.movedim(outs[n], 0).reshape(n_ch, -1).double().pow(2).sum(dim=1)
+        budget += keeps[n] / (ws[n].numel() / n_ch)
+    k = max(1, min(int(alive.sum()) or 1, int(round(budget / len(names)))))
+    score = torch.where(alive, norms, torch.full_like(norms, -1.0))
+    chosen = torch.zeros(n_ch, dtype=torch.bool)
+    chosen[torch.topk(score, k, sorted=False).indices] = True
+    out = {}
+    for n in names:
+        shape = [1] * ws[n].dim()
+        shape[outs[n]] = n_ch
+        m = chosen.reshape(shape).expand_as(ws[n]).clone()
+        if allowed.get(n) is not None:
+            m &= allowed[n].bool()
+        out[n] = m
+    return out
