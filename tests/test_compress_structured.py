@@ -275,9 +275,10 @@ def test_allocation_power_default_depends_on_the_structure():
     assert CompressConfig().validate().updated(structure="filter").validate().power() == 1.0
 
 
-def _residual_digits(path):
+def _residual_digits(path, depthwise: bool = False):
     """A small ResNet for the digits data (random weights): stem conv-BN-ReLU (16 filters), a basic
-    block conv-BN-ReLU-conv-BN plus the identity, ReLU, global pool, dense head."""
+    block conv-BN-ReLU-conv-BN plus the identity, ReLU, global pool, dense head. ``depthwise``: a
+    MobileNet block instead (the block's first conv depthwise, its second 1x1, no identity)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -286,17 +287,20 @@ def _residual_digits(path):
         return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
 
     inits = {"w0": he(16, 1, 3, 3), "w1": he(16, 16, 3, 3), "w2": he(16, 16, 3, 3), "wf": he(10, 16), "bf": np.zeros(10, np.float32)}
+    if depthwise:
+        inits["w1"], inits["w2"] = he(16, 1, 3, 3), he(16, 16, 1, 1)
     nodes = []
     for i, (src, w) in enumerate([("input", "w0"), ("r0", "w1"), ("r1", "w2")]):
         for k, v in {"s": 1.0, "b": 0.0, "m": 0.0, "v": 1.0}.items():
             inits[f"{k}{i}"] = np.full(16, v, np.float32) + (rng.standard_normal(16) * 0.1).astype(np.float32)
         inits[f"v{i}"] = np.abs(inits[f"v{i}"])
-        nodes.append(helper.make_node("Conv", [src, w], [f"c{i}"], pads=[1] * 4))
+        pads, group = ([0] * 4, 1) if depthwise and i == 2 else ([1] * 4, 16 if depthwise and i == 1 else 1)
+        nodes.append(helper.make_node("Conv", [src, w], [f"c{i}"], pads=pads, group=group))
         nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]))
         if i < 2:
             nodes.append(helper.make_node("Relu", [f"n{i}"], [f"r{i}"]))
     nodes += [
-        helper.make_node("Add", ["n2", "r0"], ["sum"]),
+        helper.make_node("Add", ["n2", "r0"], ["sum"]) if not depthwise else helper.make_node("Identity", ["n2"], ["sum"]),
         helper.make_node("Relu", ["sum"], ["r2"]),
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
@@ -320,8 +324,25 @@ def test_filter_pruning_of_a_residual_stream_removes_its_channels(tmp_path):
     _residual_digits(src)
     logs: list[str] = []
     rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="filter", log=logs.append, **FAST)
-    assert any("1 group(s) of layers summed by residual connections" in s for s in logs), logs
+    assert any("1 group(s) of layers tied by residual sums" in s for s in logs), logs
     assert rep["shrunk"]["checked"]
     w = onnx_weights(tmp_path / "out.onnx")
     assert w["w0"].shape[0] == w["w2"].shape[0] == w["w1"].shape[1] == w["wf"].shape[1] < 16
     assert rep["pruning_rate"] == pytest.approx(3.0, rel=0.2)
+
+
+def test_filter_pruning_removes_depthwise_filters_with_their_input_channels(tmp_path):
+    """A depthwise conv's filter c reads its producer's channel c only: filter pruning prunes the
+    two together, so channel c leaves the producer, the depthwise conv (and its BN) and the 1x1
+    reader."""
+    src = tmp_path / "mobile.onnx"
+    _residual_digits(src, depthwise=True)
+    logs: list[str] = []
+    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="filter", log=logs.append, **FAST)
+    assert any("1 group(s) of layers" in s for s in logs), logs
+    assert rep["shrunk"]["checked"]
+    w = onnx_weights(tmp_path / "out.onnx")
+    assert w["w0"].shape[0] == w["w1"].shape[0] == w["w2"].shape[1] < 16
+    m = onnx.load(str(tmp_path / "out.onnx"))
+    dw = next(n for n in m.graph.node if n.op_type == "Conv" and n.input[1] == "w1")
+    assert next(a.i for a in dw.attribute if a.name == "group") == w["w1"].shape[0]

@@ -562,6 +562,13 @@ def test_depthwise_convolution_between_two_layers():
         helper.make_node("Conv", ["r2", "wp"], ["y"]),
     ]
     m = _model(nodes, inits, ["N", 3, 5, 5], ["N", 4, 5, 5])
+    from onnxadmm.export.shrink import coupled_layers
+
+    # filter pruning prunes the depthwise filters together with the expand filters that feed them
+    assert coupled_layers(m) == [["w1", "wd"]]
+    from onnxadmm.export.shrink import removable_channels
+
+    assert removable_channels(m)["wd"] is None  # (it goes with w1, whose channels can go)
     res = shrink_channels(m)
     after = _inits(res.model)
     assert after["w1"].shape[0] == 4 and after["wd"].shape[0] == 4 and after["wp"].shape[1] == 4

@@ -445,8 +445,9 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
     """Structured pruning: the axes each layer's group norms sum over, (filter pruning) the constants
     zeroed with each removed filter, the block views of dense layers that read a flattened
     convolution output (channel pruning: one group per convolution channel, i.e. per block of input
-    features, so whole channels go), and (filter pruning) the groups of layers whose outputs are
-    summed by residual connections, which keep the same filters. Filter pruning leaves the last
+    features, so whole channels go), and (filter pruning) the groups of layers whose channels go
+    together (summed by residual connections; a depthwise convolution and the layer feeding it),
+    which keep the same filters. Filter pruning leaves the last
     layers (the classifier heads, whose outputs are the classes) to unstructured pruning; excluded
     layers stay dense either way."""
     from ..export.shrink import channel_blocks, coupled_layers
@@ -478,16 +479,16 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
     biases = analysis.biases_of(proto) if cfg.structure == "filter" else {}
     couples = []
     if cfg.structure == "filter":
-        # a residual stream: all its layers filter-pruned, else none is coupled (a dense or
-        # unstructured member keeps the stream's channels whatever the others do)
+        # a residual stream or a depthwise chain: all its layers filter-pruned, else none is coupled
+        # (a dense or unstructured member keeps the channels whatever the others do)
         outs = {w.name: w.shape[w.out_axis] for w in weights if w.out_axis is not None}
         couples = [
             c for c in coupled_layers(proto) if all(n in groups and n in outs for n in c) and len({outs[n] for n in c}) == 1
         ]
         if couples:
             log(
-                f"filter pruning: {len(couples)} group(s) of layers summed by residual connections "
-                f"keep the same filters ({sum(map(len, couples))} layers)"
+                f"filter pruning: {len(couples)} group(s) of layers tied by residual sums or depthwise "
+                f"convolutions keep the same filters ({sum(map(len, couples))} layers)"
             )
     return groups, biases, views, couples
 

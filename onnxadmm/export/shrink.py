@@ -487,7 +487,7 @@ def _joins(G: _Graph, n) -> bool:
     return all(same(sh, known[0]) for sh in known)
 
 
-def _sums(G: _Graph, layers: dict[str, _Layer]) -> dict[str, list[str]]:
+def _sums(G: _Graph, layers: dict[str, _Layer], depthwise: bool = False) -> dict[str, list[str]]:
     """{layer weight: the weights of every layer whose output channels are summed with its own}:
     the producers of each residual stream (an Add of branches joins their channels: channel c of
     one is added to channel c of the other, so both must lose it together). Found by labelling
@@ -528,7 +528,16 @@ def _sums(G: _Graph, layers: dict[str, _Layer]) -> dict[str, list[str]]:
     groups: dict[int, list[str]] = {}
     for i, name in enumerate(names):
         groups.setdefault(root(i), []).append(name)
-    return {name: groups[root(i)] for i, name in enumerate(names)}
+    out = {name: groups[root(i)] for i, name in enumerate(names)}
+    if depthwise:  # each depthwise convolution joins the group of the layer that feeds it
+        for n in order:
+            if n.op_type == "Conv" and n.input and n.input[0] in label and len(n.input) > 1:
+                shape = G.values.get(n.input[1])
+                if shape is not None and _depthwise(G, n, shape.shape[0]) and n.input[1] not in out:
+                    group = groups[root(label[n.input[0]])]
+                    group.append(n.input[1])
+                    out[n.input[1]] = group
+    return out
 
 
 def _pad_of(G: _Graph, n, last: bool) -> float | None:
@@ -886,14 +895,15 @@ def _constants(G: _Graph, layer: _Layer) -> np.ndarray:
 
 
 def coupled_layers(model: onnx.ModelProto) -> list[list[str]]:
-    """Groups of two or more layer weights whose output channels are summed together (residual
-    connections): filter pruning must remove the same filters from all of them for the channels to
-    leave the file."""
+    """Groups of two or more weights whose output channels go together: layers summed by residual
+    connections, and each depthwise convolution with the layer that feeds it (its filter c reads
+    that layer's channel c only). Filter pruning must remove the same filters from all of them for
+    the channels to leave the file."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     _promote_constants(m)
     G = _Graph(m)
-    sums = _sums(G, _layers(G))
+    sums = _sums(G, _layers(G), depthwise=True)
     out, seen = [], set()
     for name, group in sums.items():
         if len(group) > 1 and name not in seen:
@@ -943,14 +953,16 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
 
 def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
     """{layer weight: None if structured pruning can remove its output channels from the file, else
-    what keeps them}: the question ``onnxadmm inspect`` answers before a run."""
+    what keeps them}: the question ``onnxadmm inspect`` answers before a run. A depthwise
+    convolution's channels go with those of the layer that feeds it."""
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     _promote_constants(model_copy)
     G = _Graph(model_copy)
     layers = _layers(G)
-    sums = _sums(G, layers)
+    sums = _sums(G, layers, depthwise=True)
     out: dict[str, str | None] = {}
+    later = []  # depthwise convolutions: removable with the layer that feeds them
     for node in model_copy.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
@@ -961,13 +973,18 @@ def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
         if layer is None:
             if node.op_type == "ConvTranspose":
                 out[w] = "a ConvTranspose (not handled)"
+            elif w in sums:
+                later.append(w)
             elif node.op_type == "Conv" and _attrs(node).get("group", 1) != 1:
                 out[w] = "a grouped convolution"
             else:
                 out[w] = "its weights or bias are shared, not an initializer, or a graph output"
             continue
-        group = [layers[x] for x in sums[layer.weight]]
+        group = [layers[x] for x in sums[layer.weight] if x in layers]
         n_ch = G.values[layer.weight].shape[layer.out_axis]
         chain = _walk(G, group, [np.full(n_ch, np.nan)] * len(group))
         out[w] = None if chain is not None else G.block
+    for w in later:
+        feeder = next(x for x in sums[w] if x in layers)
+        out[w] = out.get(feeder, "a grouped convolution")
     return out
