@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    overrides = {"admm_iterations": 3, "retrain_epochs": 2}
+    overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
         overrides[k] = parse_value(v)
