@@ -159,7 +159,7 @@ def section_text(rows, dense_acc, dense_params, lat, command, overrides) -> str:
         "channels stay in the file. Latency: onnxruntime CPU, batch 64, one thread, p50 of interleaved "
         f"rounds, dense {lat['dense']:.2f} ms.",
         "",
-        "| rate asked | filters | accuracy | weights written (non-zero) | channels removed | layer outputs (stem, stage 1-3 convs) | latency | wall time |",
+        "| rate asked | filters | accuracy | weights written (non-zero) | channels removed | output channels, graph order (stem; per block: two convs, projection; head) | latency | wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
