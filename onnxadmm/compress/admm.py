@@ -106,7 +106,8 @@ class Engine:
         # its filters so that a removed filter's channel is exactly 0
         self.groups = dict(groups or {})
         self.views = dict(views or {})  # a layer whose groups are blocks: the shape that exposes them
-        # filter-pruned layers whose outputs are summed (residual streams): they keep the same filters
+        # filter-pruned layers whose channels go together (residual streams, depthwise convolutions
+        # with their feeders): they keep the same filters
         self.couples = [list(c) for c in (couples or []) if all(n in self.groups for n in c)]
         trainable = {name for name, _ in module.named_onnx_parameters()}
         self.biases = {

@@ -185,7 +185,8 @@ def coupled_support(
     dims: dict[str, tuple[int, ...]],
     allowed: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Filter masks of layers whose output channels are summed (a residual stream): the same
+    """Filter masks of layers whose output channels go together (summed by a residual connection;
+    a depthwise convolution and the layer that feeds it): the same
     filters kept in every one, those with the largest joint L2 norm sum_l ||w_l[c]||^2, which is
     the Euclidean projection onto {the same at most k filters non-zero in all}. ``k`` is the mean
     of the layers' own filter budgets (``keeps[l]`` weights over the filter size); ``dims`` the

@@ -9,20 +9,22 @@ pooling, BatchNormalization, scalar arithmetic) are sliced or carry the constant
 repeats until nothing changes, as a removed input channel can leave a filter constant in turn.
 
 What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
-that nothing else uses (a ConvTranspose as a reader only, of channels that are exactly 0); between them unary activations, Max/Average/global pooling, inference
-BatchNormalization and InstanceNormalization, Dropout, Identity, Crop, scalar Mul/Add/Sub/Div, t * f(t)
-activations (SiLU, HardSwish), spatial Pad, depthwise convolutions (sliced with the channel), a
-Concat of channels (the layer's channels are then a slice of the readers' inputs), Transposes that
-move the channels last or back (TensorFlow/Keras exports), and a Flatten (axis 1) or a Reshape to
-(batch, features) before a dense layer: a constant target (initializer or Constant node) that
-static shapes prove flattens, or [batch, -1] computed from a Shape (x.view(x.size(0), -1)); after
-a channels-last flatten a channel's features are interleaved rather than a block.
+that nothing else uses (a ConvTranspose as a reader only, of channels that are exactly 0); between
+them unary activations, Max/Average/global pooling, inference BatchNormalization and
+InstanceNormalization, Dropout, Identity, Crop, scalar Mul/Add/Sub/Div, t * f(t) activations (SiLU,
+HardSwish), spatial Pad, depthwise convolutions (sliced with the channel), a Concat of channels (the
+layer's channels are then a slice of the readers' inputs), Transposes that move the channels last or
+back (TensorFlow/Keras exports), and a Flatten (axis 1) or a Reshape to (batch, features) before a
+dense layer: a constant target (initializer or Constant node) that static shapes prove flattens, or
+[batch, -1] computed from a Shape (x.view(x.size(0), -1)); after a channels-last flatten a channel's
+features are interleaved rather than a block.
 
 Residual connections: an Add (Sub, Sum) of two computed branches adds channel c of one to channel
 c of the other, so the layers that produce its inputs (the stem and every block's last convolution
 of a ResNet stage, a projection shortcut) are walked together as one group: a channel goes from
 all of them at once, when it is constant in every one (filter pruning coupled across the group,
-see :func:`coupled_layers`), and the sum carries the sum of their constants on. A channel that
+see :func:`coupled_layers`), and the sum carries the sum of their constants on. (A depthwise
+convolution's filters are coupled with the layer that feeds it the same way in training.) A channel that
 reaches anything else (a sum with a graph input, a graph output, another grouped convolution, an
 attention-style product) is kept. The pass edits the ModelProto directly; callers check the result
 in onnxruntime.
