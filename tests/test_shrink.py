@@ -447,6 +447,13 @@ def test_residual_sums_couple_their_layers():
     assert sorted(map(sorted, coupled_layers(m))) == [["w0", "w2"], ["w4", "wp"]]
     got = removable_channels(m)
     assert got == {n: None for n in ("w0", "w1", "w2", "w3", "w4", "wp")} | {"wf": "graph output 'y'"}
+    # inspect shows the groups
+    from onnxadmm.validate.inspect import describe, format_description
+
+    d = describe(m)
+    tied = {x["name"]: x["tied_group"] for x in d["layers"]}
+    assert tied["w0"] == tied["w2"] != tied["w4"] == tied["wp"] and tied["w1"] is None and tied["w4"]
+    assert "removable (tied group" in format_description(d)
 
 
 @pytest.mark.parametrize("bn", [True, False], ids=["bn", "no-bn"])

@@ -29,11 +29,12 @@ def describe(path) -> dict:
     g = model.graph
     weights = analysis.find_weights(model)
     try:
-        from ..export.shrink import removable_channels
+        from ..export.shrink import coupled_layers, removable_channels
 
         channels = removable_channels(model)
+        tied = {n: i + 1 for i, group in enumerate(coupled_layers(model)) for n in group}
     except Exception:  # noqa: BLE001 - a hint only: never fail inspect over it
-        channels = {}
+        channels, tied = {}, {}
     layers = [
         {
             "name": w.name,
@@ -44,6 +45,9 @@ def describe(path) -> dict:
             "dtype": onnx.TensorProto.DataType.Name(w.dtype),
             # structured pruning: can its output channels leave the file? (None: yes; else what keeps them)
             "channels_kept_by": channels.get(w.name, "not the weight operand of its layer"),
+            # layers whose channels go together (residual sums, depthwise convolutions with their
+            # feeders): filter pruning keeps the same filters in every layer of a group
+            "tied_group": tied.get(w.name),
         }
         for w in weights
         if w.compressible
@@ -103,7 +107,14 @@ def format_description(d: dict) -> str:
         for x in d["layers"]:
             why = x.get("channels_kept_by")
             ch = "removable" if why is None else f"kept: {why}"
+            if x.get("tied_group"):
+                ch += f" (tied group {x['tied_group']})"
             lines.append(f"{x['name'][:w]:<{w}}  {x['op']:<14} {str(x['shape']):<22} {x['params']:>10,}  {ch}")
+    if any(x.get("tied_group") for x in d["layers"]):
+        lines.append(
+            "tied groups: layers whose channels go together (summed by residual connections, or a "
+            "depthwise convolution and its feeder); --structure filter keeps the same filters in each"
+        )
     t = d["totals"]
     lines.append("")
     lines.append(
