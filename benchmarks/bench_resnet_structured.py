@@ -17,11 +17,14 @@ exporter (which folds each BN into its conv, as a PyTorch user's export does). T
 Accuracy is onnxruntime's on the 10,000 MNIST test images.
 
     python benchmarks/bench_resnet_structured.py --rates 4,10 --write
+    python benchmarks/bench_resnet_structured.py --rates 4 --json a.json   # (in parallel: --rates 10 --json b.json)
+    python benchmarks/bench_resnet_structured.py --merge a.json b.json --write
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default="4,10")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="compress setting")
     ap.add_argument("--write", action="store_true", help="rewrite the docs section")
+    ap.add_argument("--json", type=Path, help="write the rows here (to --merge runs made in parallel)")
+    ap.add_argument("--merge", nargs="+", type=Path, help="merge row files (latency measured again)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -191,14 +196,23 @@ def main(argv=None) -> int:
     dense_acc = ort_accuracy(model, data[2], data[3])
     dense_params = sum(math.prod(s) for s in compressible(model).values())
     log(f"dense ResNet-8: {dense_acc:.4f}, {dense_params:,} weights")
-    work = Path(tempfile.mkdtemp(prefix="resnet8-"))
-    rows = []
-    for rate in [float(r) for r in args.rates.split(",")]:
-        for coupled in (True, False):
-            rows.append(run(model, rate, coupled, data, overrides, work, log))
+    commands = ["python " + shlex.join(["benchmarks/bench_resnet_structured.py", *(argv or sys.argv[1:])])]
+    if args.merge:
+        blobs = [json.loads(p.read_text()) for p in args.merge]
+        rows = [r for b in blobs for r in b["rows"]]
+        overrides = blobs[0]["overrides"]
+        commands = [b["command"] for b in blobs] + commands
+    else:
+        work = Path(tempfile.mkdtemp(prefix="resnet8-"))
+        rows = []
+        for rate in [float(r) for r in args.rates.split(",")]:
+            for coupled in (True, False):
+                rows.append(run(model, rate, coupled, data, overrides, work, log))
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "overrides": overrides, "command": commands[0]}, indent=1))
     paths = {"dense": str(model)} | {f"{r['rate']:g}-{r['coupled']}": r["path"] for r in rows}
     lat = latency(paths)
-    text = section_text(rows, dense_acc, dense_params, lat, "python " + shlex.join(["benchmarks/bench_resnet_structured.py", *(argv or sys.argv[1:])]), overrides)
+    text = section_text(rows, dense_acc, dense_params, lat, "\n".join(commands), overrides)
     print(text)
     if args.write:
         write_section(DOCS, SECTION, text)

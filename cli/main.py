@@ -224,7 +224,8 @@ def _defaults():
     "--final-retrain-epochs",
     type=float,
     help="Retraining epochs of the final step (the pruning step that reaches --rate; the quantization "
-    "step when nothing is pruned). [default: 2x --retrain-epochs from 100x up, else as --retrain-epochs]",
+    "step when nothing is pruned). [default: 2x --retrain-epochs from 100x up and with --structure, "
+    "else as --retrain-epochs]",
 )
 @click.option("--rho", type=float, help=f"Initial ADMM penalty rho. [default: {_defaults().rho}]")
 @click.option(
@@ -243,8 +244,8 @@ def _defaults():
     "--final-retrain-lr",
     type=float,
     help="Retraining learning rate of the final step (a restart: very sparse networks must move their "
-    "few weights far). [default: 10x --retrain-lr from 100x up (restart_rate, set in a --config file), "
-    "else as --retrain-lr]",
+    "few weights far). [default: 10x --retrain-lr from 100x up (restart_rate, set in a --config file) "
+    "and with --structure at any rate, else as --retrain-lr]",
 )
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(
