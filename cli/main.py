@@ -224,7 +224,7 @@ def _defaults():
     "--final-retrain-epochs",
     type=float,
     help="Retraining epochs of the final step (the pruning step that reaches --rate; the quantization "
-    "step when nothing is pruned). [default: 2x --retrain-epochs from 100x up and with --structure, "
+    "step when nothing is pruned). [default: 2x --retrain-epochs from 100x up and with --structure filter, "
     "else as --retrain-epochs]",
 )
 @click.option("--rho", type=float, help=f"Initial ADMM penalty rho. [default: {_defaults().rho}]")
@@ -245,7 +245,7 @@ def _defaults():
     type=float,
     help="Retraining learning rate of the final step (a restart: very sparse networks must move their "
     "few weights far). [default: 10x --retrain-lr from 100x up (restart_rate, set in a --config file) "
-    "and with --structure at any rate, else as --retrain-lr]",
+    "and with --structure filter at any rate, else as --retrain-lr]",
 )
 @click.option("--batch-size", type=int, help=f"[default: {_defaults().batch_size}]")
 @click.option(

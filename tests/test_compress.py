@@ -1201,9 +1201,9 @@ def test_high_rate_restart_rule():
     mine = CompressConfig(rate=300, final_retrain_lr=3e-3, final_retrain_epochs=5).validate()
     assert (mine.final_lr(), mine.final_epochs()) == (3e-3, 5)
     assert not CompressConfig(rate=300, restart_rate=500).validate().restarts()
-    # structured pruning restarts at any rate
-    assert CompressConfig(rate=4, structure="filter").validate().restarts()
-    assert CompressConfig(rate=4, structure="channel").validate().final_epochs() == 8
+    # filter pruning restarts at any rate; channel pruning as unstructured
+    assert CompressConfig(rate=4, structure="filter").validate().final_epochs() == 8
+    assert not CompressConfig(rate=4, structure="channel").validate().restarts()
     with pytest.raises(ConfigError, match="restart_rate"):
         CompressConfig(restart_rate=0.5).validate()
 
