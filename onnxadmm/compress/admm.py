@@ -14,7 +14,7 @@ import torch
 from ..data import Dataset
 from .config import CompressConfig
 from .objective import Head, label_indices, loss_fn, predictions
-from .pruning import alive_channels, coupled_support, layer_support
+from .pruning import alive_channels, supports
 
 
 @dataclass
@@ -183,11 +183,6 @@ class Engine:
             for n, mask in self.state.masks.items():
                 (self.params[n] if n in self.params else self.bias_params[n]).mul_(mask)
 
-    def support(self, n: str, w: torch.Tensor, keep: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Entries of layer ``n`` kept at ``keep`` weights: the largest magnitudes, or with structured
-        pruning the groups (filters, channels, filter shapes) of largest L2 norm."""
-        return layer_support(w, keep, self.groups.get(n), self.views.get(n), mask)
-
     def _mask_bias(self, n: str):
         """Zero (and keep zero) the per-channel constants (bias; BN scale and bias) of the filters that
         layer ``n``'s mask removed whole, so their channels are exactly 0 and can be cut out."""
@@ -224,17 +219,7 @@ class Engine:
     def supports(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Each layer's support at ``step`` (the kept count inside its existing mask): coupled layers
         (:attr:`couples`) choose their filters together, the others alone."""
-        keep, masks = self.keep[step], self.state.masks
-        out = {}
-        for c in self.couples:
-            if all(n in ws and keep[n] < ws[n].numel() for n in c):
-                out.update(
-                    coupled_support({n: ws[n] for n in c}, keep, self.groups, {n: masks.get(n) for n in c})
-                )
-        for n, w in ws.items():
-            if n not in out:
-                out[n] = self.support(n, w, keep[n], masks.get(n))
-        return out
+        return supports(ws, self.keep[step], self.groups, self.views, self.state.masks, self.couples)
 
     def project(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Euclidean projection of each ``ws[n]`` onto layer ``n``'s set at ``step``: the support first

@@ -525,7 +525,7 @@ def _written_rate(
     one), keeps the lowest rate that meets the budget."""
     from ..export.shrink import shrink_channels
     from ..export.writer import initializer_values, with_weights
-    from .pruning import alive_channels, coupled_support, layer_support
+    from .pruning import alive_channels, supports
 
     budget = sum(sizes.values()) / cfg.rate
 
@@ -538,13 +538,9 @@ def _written_rate(
         ks = {n: min(keep[n], start[n]) for n in sizes}
         ws = {n: torch.as_tensor(np.asarray(state[n], np.float32)) for n in sizes if ks[n] < sizes[n]}
         alloweds = {n: (w != 0) if start[n] < sizes[n] else None for n, w in ws.items()}
-        masks = {}  # what training's projection keeps
-        for c in couples:
-            if all(n in ws for n in c):
-                masks.update(coupled_support({n: ws[n] for n in c}, ks, groups, {n: alloweds[n] for n in c}))
+        masks = supports(ws, ks, groups, views, alloweds, couples)  # what training's projection keeps
         for n, w in ws.items():
-            dims = groups.get(n)
-            mask = masks[n] if n in masks else layer_support(w, ks[n], dims, views.get(n), alloweds[n])
+            dims, mask = groups.get(n), masks[n]
             st[n] = (w * mask).numpy()
             alive = alive_channels(mask, dims) if dims is not None and n not in views else None
             if alive is not None:

@@ -219,3 +219,24 @@ def coupled_support(
             m &= allowed[n].bool()
         out[n] = m
     return out
+
+
+def supports(
+    ws: dict[str, torch.Tensor],
+    keeps: dict[str, int],
+    groups: dict[str, tuple[int, ...]],
+    views: dict[str, tuple[int, ...]],
+    allowed: dict[str, torch.Tensor | None],
+    couples: list[list[str]] = (),
+) -> dict[str, torch.Tensor]:
+    """Each layer's support at ``keeps[n]`` weights inside ``allowed[n]``: the layers of a couple
+    (residual streams, depthwise convolutions with their feeders) choose their filters together
+    (:func:`coupled_support`), the others alone (:func:`layer_support`)."""
+    out = {}
+    for c in couples:
+        if all(n in ws and keeps[n] < ws[n].numel() for n in c):
+            out.update(coupled_support({n: ws[n] for n in c}, keeps, groups, {n: allowed.get(n) for n in c}))
+    for n, w in ws.items():
+        if n not in out:
+            out[n] = layer_support(w, keeps[n], groups.get(n), views.get(n), allowed.get(n))
+    return out
