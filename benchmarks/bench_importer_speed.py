@@ -93,9 +93,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet8(nn.Module):
-    def __init__(self, widths=(16, 32, 64), classes: int = 10):
+    def __init__(self, widths=(16, 32, 64), classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(widths[0])
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):

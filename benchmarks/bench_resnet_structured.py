@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_importer_speed import ResNet8  # noqa: E402
 from bench_lenet_mnist import load_mnist, ort_accuracy, parse_value, train_epochs  # noqa: E402
 from bench_lenet_structured import _weights, latency  # noqa: E402
 from docs_section import write_section  # noqa: E402
@@ -47,34 +47,6 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 CACHE = ROOT / "benchmarks" / ".cache"
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
-        return torch.relu(y + (x if self.short is None else self.short(x)))
-
-
-class ResNet8(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.stages = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = self.stages(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 def dense_model(data, log, epochs: int = 3) -> Path:
     """The trained ResNet-8 as ONNX (cached by seed and epochs)."""
     path = CACHE / f"resnet8_mnist_e{epochs}.onnx"
@@ -82,7 +54,7 @@ def dense_model(data, log, epochs: int = 3) -> Path:
         return path
     xt, yt, _, _ = data
     torch.manual_seed(0)
-    net = ResNet8()
+    net = ResNet8(in_channels=1)  # (bench_importer_speed's CIFAR-style ResNet-8, on 1-channel MNIST)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     steps = epochs * math.ceil(len(xt) / 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
