@@ -896,15 +896,21 @@ def _constants(G: _Graph, layer: _Layer) -> np.ndarray:
     return np.where(zero, bias, np.nan)
 
 
+def _read_only_graph(model: onnx.ModelProto) -> _Graph:
+    """The analysis graph of a copy of ``model`` with its Constant-node weights promoted, as
+    :func:`shrink_channels` sees it (``model`` itself is left alone)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _promote_constants(m)
+    return _Graph(m)
+
+
 def coupled_layers(model: onnx.ModelProto) -> list[list[str]]:
     """Groups of two or more weights whose output channels go together: layers summed by residual
     connections, and each depthwise convolution with the layer that feeds it (its filter c reads
     that layer's channel c only). Filter pruning must remove the same filters from all of them for
     the channels to leave the file."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    _promote_constants(m)
-    G = _Graph(m)
+    G = _read_only_graph(model)
     sums = _sums(G, _layers(G), depthwise=True)
     out, seen = [], set()
     for name, group in sums.items():
@@ -957,15 +963,12 @@ def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
     """{layer weight: None if structured pruning can remove its output channels from the file, else
     what keeps them}: the question ``onnxadmm inspect`` answers before a run. A depthwise
     convolution's channels go with those of the layer that feeds it."""
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    _promote_constants(model_copy)
-    G = _Graph(model_copy)
+    G = _read_only_graph(model)
     layers = _layers(G)
     sums = _sums(G, layers, depthwise=True)
     out: dict[str, str | None] = {}
     later = []  # depthwise convolutions: removable with the layer that feeds them
-    for node in model_copy.graph.node:
+    for node in G.g.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = node.input[1]
