@@ -270,7 +270,9 @@ def _defaults():
     type=int,
     help=f"Floor on steps per ADMM iteration / retraining epoch (small data). [default: {_defaults().min_batches}]",
 )
-@click.option("--device", help="torch device for training: cpu, cuda. [default: cpu]")
+@click.option(
+    "--device", help="torch device for training: cpu, cuda, cuda:N, mps, or auto (cuda where torch sees a GPU). [default: cpu]"
+)
 @click.option("--seed", type=int, help="Random seed; the same seed reproduces a run. [default: 0]")
 @data_conversion_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint path [default: OUTPUT.ckpt].")

@@ -57,6 +57,44 @@ def binary_digits_model(path: Path, sigmoid: bool) -> Path:
     return path
 
 
+def _onnxruntime_max_ir() -> int:
+    """The newest IR version the installed onnxruntime loads (an older onnxruntime beside a newer
+    onnx refuses the models onnx.helper.make_model stamps with onnx's own, e.g. IR 14 against 13)."""
+    import onnxruntime as ort
+
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        g = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+        m = _MAKE_MODEL(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
+        try:
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:  # noqa: BLE001 - "Unsupported model IR version": try the one below
+            continue
+    return onnx.IR_VERSION
+
+
+_MAKE_MODEL = helper.make_model
+_MAX_IR = _onnxruntime_max_ir()
+
+
+def _make_model_for_onnxruntime(graph, **kwargs):
+    """onnx.helper.make_model, the IR version capped at what onnxruntime loads: the tests' graphs
+    use nothing of a newer IR, and a model the library is given keeps its own IR version."""
+    m = _MAKE_MODEL(graph, **kwargs)
+    if "ir_version" not in kwargs and m.ir_version > _MAX_IR:
+        m.ir_version = _MAX_IR
+    return m
+
+
+if _MAX_IR < onnx.IR_VERSION:  # only where this onnx and onnxruntime disagree
+    helper.make_model = _make_model_for_onnxruntime
+
+
 def shared_root() -> Path:
     env = os.environ.get("ONNXADMM_SHARED")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"

@@ -306,8 +306,9 @@ class Engine:
                 k = grid.codebook.shape[1]
                 flat = codes.flatten()
                 sel = flat >= 0
-                g = torch.zeros(k, dtype=torch.float64).index_add_(0, flat[sel], p.grad.flatten()[sel].double())
-                m, v, t = st.moments.get(n, (torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0))
+                f64 = {"dtype": torch.float64, "device": p.grad.device}
+                g = torch.zeros(k, **f64).index_add_(0, flat[sel], p.grad.flatten()[sel].double())
+                m, v, t = st.moments.get(n, (torch.zeros(k, **f64), torch.zeros(k, **f64), 0))
                 t += 1
                 m = betas[0] * m + (1 - betas[0]) * g
                 v = betas[1] * v + (1 - betas[1]) * g * g

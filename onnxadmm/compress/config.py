@@ -79,7 +79,7 @@ class CompressConfig:
     # class, added to the distillation of classifier outputs (0: distillation alone)
     val_fraction: float = 0.1  # held out when no --val-data is given
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # torch device for training: cpu, cuda, cuda:N, mps, or auto (cuda where usable)
     min_batches: int = 200  # floor on optimizer steps per ADMM iteration / retraining epoch (small datasets)
     max_batches_per_epoch: int | None = None  # cap for quick runs
 
@@ -134,6 +134,8 @@ class CompressConfig:
             raise ConfigError(f"allocation_power {self.allocation_power!r}: expected a number from 0 to 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
+        check_device(self.device)
+        self.device = resolve_device(self.device)  # the report and the checkpoint show the one used
         return self
 
     def power(self) -> float:
@@ -183,6 +185,37 @@ class CompressConfig:
         d = self.to_dict()
         d.update({k: v for k, v in kw.items() if v is not None})
         return CompressConfig(**d)
+
+
+def check_device(text: str) -> None:
+    """A device name the training can use, or a one-line ConfigError saying why not."""
+    s = str(text).strip().lower()
+    if s == "auto" or s == "cpu":
+        return
+    m = re.fullmatch(r"(cuda|mps)(?::(\d+))?", s)
+    if not m:
+        raise ConfigError(f"device {text!r}: expected cpu, cuda, cuda:N, mps or auto")
+    import torch
+
+    if m.group(1) == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {text!r}: this torch ({torch.__version__}) has no usable MPS device")
+        return
+    if not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise ConfigError(f"device {text!r}: this torch ({torch.__version__}) {why}; use --device cpu")
+    if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+        raise ConfigError(f"device {text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def resolve_device(text: str) -> str:
+    """The torch device a run trains on: ``auto`` is cuda where torch can use a GPU, else cpu."""
+    s = str(text).strip().lower()
+    if s != "auto":
+        return s
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_config_file(path) -> dict:

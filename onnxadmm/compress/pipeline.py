@@ -243,7 +243,8 @@ def compress(
     if resume:
         if not ckpt_path.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        blob = torch.load(ckpt_path, weights_only=False)
+        # tensors come back on this run's device: a run may go on on another device than it began
+        blob = torch.load(ckpt_path, weights_only=False, map_location=device)
         if blob["meta"]["model_sha256"] != meta["model_sha256"]:
             raise ConfigError(f"--resume: checkpoint {ckpt_path} was made from another model")
         if set(blob["meta"]["config"]) != set(meta["config"]):
@@ -251,8 +252,9 @@ def compress(
                 f"--resume: checkpoint {ckpt_path} was written by another onnxadmm version (its settings "
                 "differ in kind); start again without --resume"
             )
-        if blob["meta"]["config"] != meta["config"]:
-            changed = sorted(k for k in meta["config"] if blob["meta"]["config"][k] != meta["config"][k])
+        changed = sorted(k for k in meta["config"] if blob["meta"]["config"][k] != meta["config"][k])
+        changed = [k for k in changed if k != "device"]
+        if changed:
             raise ConfigError(
                 f"--resume: checkpoint {ckpt_path} was made with other settings ({', '.join(changed)}); "
                 "rerun with the same ones"

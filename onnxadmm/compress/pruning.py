@@ -196,8 +196,9 @@ def coupled_support(
     names = list(ws)
     outs = {n: next(a for a in range(ws[n].dim()) if a not in dims[n]) for n in names}
     n_ch = ws[names[0]].shape[outs[names[0]]]
-    norms = torch.zeros(n_ch, dtype=torch.float64)
-    alive = torch.ones(n_ch, dtype=torch.bool)
+    dev = ws[names[0]].device
+    norms = torch.zeros(n_ch, dtype=torch.float64, device=dev)
+    alive = torch.ones(n_ch, dtype=torch.bool, device=dev)
     budget = 0.0
     for n in names:
         x = ws[n].detach()
@@ -208,7 +209,7 @@ def coupled_support(
         budget += keeps[n] / (ws[n].numel() / n_ch)
     k = max(1, min(int(alive.sum()) or 1, int(round(budget / len(names)))))
     score = torch.where(alive, norms, torch.full_like(norms, -1.0))
-    chosen = torch.zeros(n_ch, dtype=torch.bool)
+    chosen = torch.zeros(n_ch, dtype=torch.bool, device=dev)
     chosen[torch.topk(score, k, sorted=False).indices] = True
     out = {}
     for n in names:

@@ -167,8 +167,14 @@ register("ArgMin", since=1)(_arg(torch.argmin))
 
 def _topk(x: torch.Tensor, k: int, axis: int, largest: bool):
     # a stable sort keeps the lower index first among equal values, as ONNX asks
+    if x.device.type != "cpu" and x.dtype in _CPU_ONLY_SORT:  # CUDA sorts no unsigned 16-64 bit ints
+        values, indices = _topk(x.cpu(), k, axis, largest)
+        return values.to(x.device), indices.to(x.device)
     values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
     return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+
+
+_CPU_ONLY_SORT = {getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)}
 
 
 @register("TopK", since=1)
