@@ -22,7 +22,7 @@ gives bit-identical weights (and Z, U) to ``Engine.train_epoch`` itself after 3 
 ``--whole-epochs N`` also times whole ``Engine.train_epoch`` calls, interleaved epoch by epoch.
 ``Engine.train_epoch`` ends with a validation pass (``Engine.evaluate``); it is the same for any
 training loop that validates, so it is left out and timed on its own. Data: the first
-``--samples`` MNIST training images from /work/shared/data/mnist.npz as x/255 float32 [N,1,28,28]
+``--samples`` MNIST training images from shared/data/mnist.npz (beside the checkout, or $ONNXADMM_SHARED) as x/255 float32 [N,1,28,28]
 (random data when the file is missing). The tables show medians and ratios to fine-tuning: of the
 medians, and the median of the paired ratios (same epoch / same batch index).
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -60,7 +61,7 @@ from docs_section import write_section  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "Compression overhead"
-DATA = Path("/work/shared/data/mnist.npz")
+DATA = Path(os.environ.get("ONNXADMM_SHARED", ROOT.parent / "shared")) / "data" / "mnist.npz"
 TARGET = 1.15
 MODES = ("fine-tune", "ADMM W-step", "masked retrain")
 # not onnxadmm code: the W-step with the penalty's gradient rho (W - (Z - U)) added in place to .grad

@@ -5,7 +5,7 @@ conv 1->20 5x5, maxpool 2, conv 20->50 5x5, maxpool 2, fc 800->500, ReLU, fc 500
 ``lenet_train_test.prototxt`` there is no ReLU after the convolutions. 430,500 weights (431,080 with
 biases); the pruning rates count the 430,500 weights of the four Conv/Gemm tensors.
 
-Data: /work/shared/data/mnist.npz; images preprocessed as (x/255 - 0.1307)/0.3081, NCHW float32.
+Data: shared/data/mnist.npz (beside the checkout, or $ONNXADMM_SHARED); images preprocessed as (x/255 - 0.1307)/0.3081, NCHW float32.
 
 Steps, all in one run:
 
@@ -52,7 +52,7 @@ from bench_importer_speed import LeNet5  # noqa: E402  (Caffe's lenet, no ReLU a
 
 CACHE = ROOT / "benchmarks" / ".cache"
 DOCS = ROOT / "docs" / "benchmarks.md"
-DATA = Path("/work/shared/data/mnist.npz")
+DATA = Path(os.environ.get("ONNXADMM_SHARED", ROOT.parent / "shared")) / "data" / "mnist.npz"
 SECTION = "LeNet-5 on MNIST"
 MEAN, STD = 0.1307, 0.3081
 DEFAULT_RATES = (20.0, 50.0, 100.0, 246.0, 300.0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from docs_section import write_section  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("ONNXADMM_SHARED", ROOT.parent / "shared"))  # as the tests
 
 # model file -> conversions of the raw uint8 images (scale, mean, std)
 PREPROCESS = {

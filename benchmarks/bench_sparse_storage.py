@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -46,7 +47,7 @@ from onnxadmm.validate import ortrun  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "Pruned weights on disk: packed positions vs ONNX sparse initializers"
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("ONNXADMM_SHARED", ROOT.parent / "shared"))  # as the tests
 
 
 def lenet_path() -> Path:
