@@ -320,7 +320,14 @@ def test_against_onnxruntime(case, static):
     feeds = {k: (np.asarray(v) if v is not None else None) for k, v in feeds.items()}
     consts = [k for i, (k, v) in enumerate(feeds.items()) if i > 0 and v is not None] if static else []
     m = _single(op, opset, attrs, feeds, n_out, consts)
-    want = _ort(m, {k: v for k, v in feeds.items() if v is not None and k not in consts})
+    runtime_feeds = {k: v for k, v in feeds.items() if v is not None and k not in consts}
+    try:
+        want = _ort(m, runtime_feeds)
+    except Exception:  # noqa: BLE001 - an older onnxruntime refuses some edge cases (onnxruntime 1.30:
+        # Split-18 into more parts than a dimension fills); the spec's reference evaluator judges those
+        from onnx.reference import ReferenceEvaluator
+
+        want = ReferenceEvaluator(m).run(None, runtime_feeds)
     got = run_graph(m, [v for k, v in feeds.items() if v is not None and k not in consts], False)
     for i, (g, w) in enumerate(zip(got, want)):
         _compare(f"{op}[{i}]", g, w, 1e-5, 1e-5)
