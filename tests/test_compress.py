@@ -23,7 +23,6 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from onnxadmm_cli.main import cli
 
-from onnxadmm.compress import admm
 from onnxadmm.compress.admm import Engine, Unit
 from onnxadmm.compress.config import CompressConfig
 from onnxadmm.compress.objective import training_heads
@@ -147,6 +146,22 @@ def check_output_matches_report(out: Path, rep: dict) -> None:
         assert list(w[x["name"]].shape) == x.get("shape_after", x["shape"])
         assert int(np.count_nonzero(w[x["name"]])) == x["nonzero"], x["name"]
     assert rep["file_bytes"]["compressed"] == out.stat().st_size
+
+
+def interrupt_training_at(monkeypatch, n: int):
+    """Make the n-th training epoch (call of ``Engine.train_epoch``) raise KeyboardInterrupt, as
+    Ctrl-C would; returns a function that puts the real method back."""
+    real = Engine.train_epoch
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "train_epoch", flaky)
+    return lambda: monkeypatch.setattr(Engine, "train_epoch", real)
 
 
 @pytest.fixture(scope="module")
@@ -466,16 +481,7 @@ def test_resume_equals_uninterrupted_run(baseline, tmp_path, monkeypatch, n):
     """Interrupt at the n-th unit, resume from the checkpoint: the result is bit-identical."""
     out = tmp_path / "r.onnx"
     ckpt = tmp_path / "r.onnx.ckpt"
-    real = Engine.train_epoch
-    calls = {"n": 0}
-
-    def flaky(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(Engine, "train_epoch", flaky)
+    restore = interrupt_training_at(monkeypatch, n)
     logs: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         compress(MODEL, out, "digits", rate=20, seed=0, log=logs.append, quiet=True, **FAST)
@@ -484,7 +490,7 @@ def test_resume_equals_uninterrupted_run(baseline, tmp_path, monkeypatch, n):
     blob = torch.load(ckpt, weights_only=False)
     assert blob["unit"] == n - 2 and len(blob["history"]) == n - 1
 
-    monkeypatch.setattr(Engine, "train_epoch", real)
+    restore()
     rep = compress(MODEL, out, "digits", rate=20, seed=0, resume=True, quiet=True, **FAST)
     assert not ckpt.exists()
     assert out.read_bytes() == baseline["out"].read_bytes()
@@ -496,19 +502,10 @@ def test_resume_errors(tmp_path, monkeypatch):
     out = tmp_path / "r.onnx"
     with pytest.raises(ConfigError, match="no checkpoint"):
         compress(MODEL, out, "digits", resume=True, quiet=True, **FAST)
-    real = Engine.train_epoch
-    calls = {"n": 0}
-
-    def flaky(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(Engine, "train_epoch", flaky)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         compress(MODEL, out, "digits", seed=0, quiet=True, **FAST)
-    monkeypatch.setattr(Engine, "train_epoch", real)
+    restore()
     with pytest.raises(ConfigError, match=r"other settings \(seed\)"):
         compress(MODEL, out, "digits", seed=1, resume=True, quiet=True, **FAST)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -876,20 +873,11 @@ def test_cli_exclude_option(tmp_path, fast_toml):
 def test_cli_interrupt_and_resume(cli_run, tmp_path, monkeypatch):
     out = tmp_path / "cli.onnx"
     args = [a if a != cli_run["out"] else out for a in cli_run["args"]]
-    real = Engine.train_epoch
-    calls = {"n": 0}
-
-    def flaky(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(admm.Engine, "train_epoch", flaky)
+    restore = interrupt_training_at(monkeypatch, 4)
     r = invoke(*args, *CLI_FAST, "--quiet")
     assert r.exit_code == 130 and "interrupted" in r.stderr
     assert Path(f"{out}.ckpt").is_file() and not out.exists()
-    monkeypatch.setattr(admm.Engine, "train_epoch", real)
+    restore()
     r = invoke(*args, *CLI_FAST, "--quiet", "--resume")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == cli_run["out"].read_bytes()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnxadmm_cli.main import cli
+from test_compress import interrupt_training_at
 from test_compress_quant import FAST, MODEL, WEIGHTS, distinct, onnx_weights
 from test_compress_structured import _residual_digits
 
 from onnxadmm.compress import pruning
-from onnxadmm.compress.admm import Engine
 from onnxadmm.compress.config import CompressConfig
 from onnxadmm.compress.pipeline import compress
 from onnxadmm.compress.quantize import cluster, project_to_grid, quantize_uniform
@@ -215,19 +215,10 @@ def test_run_begun_on_cuda_goes_on_on_cpu(tmp_path, monkeypatch):
     """Interrupted on the GPU, resumed with --device cpu: the checkpoint's tensors come back on the CPU
     and the run finishes with every unit done."""
     out = tmp_path / "r.onnx"
-    real = Engine.train_epoch
-    calls = {"n": 0}
-
-    def flaky(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(Engine, "train_epoch", flaky)
+    restore = interrupt_training_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         compress(MODEL, out, "digits", rate=20, clusters=4, seed=0, device="cuda", quiet=True, **FAST)
-    monkeypatch.setattr(Engine, "train_epoch", real)
+    restore()
     full = compress(MODEL, tmp_path / "f.onnx", "digits", rate=20, clusters=4, seed=0, quiet=True, **FAST)
     rep = compress(MODEL, out, "digits", rate=20, clusters=4, seed=0, device="cpu", resume=True, quiet=True, **FAST)
     assert rep["config"]["device"] == "cpu"
