@@ -136,8 +136,7 @@ class CompressConfig:
             raise ConfigError(f"allocation_power {self.allocation_power!r}: expected a number from 0 to 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
-        check_device(self.device)
-        self.device = resolve_device(self.device)  # the report and the checkpoint show the one used
+        self.device = training_device(self.device)  # the report and the checkpoint show the one used
         return self
 
     def power(self) -> float:
@@ -189,35 +188,29 @@ class CompressConfig:
         return CompressConfig(**d)
 
 
-def check_device(text: str) -> None:
-    """A device name the training can use, or a one-line ConfigError saying why not."""
+def training_device(text: str) -> str:
+    """The torch device a run trains on (``auto``: cuda where torch can use a GPU, else cpu), or a
+    one-line ConfigError saying why the one asked for cannot be used."""
+    import torch
+
     s = str(text).strip().lower()
-    if s == "auto" or s == "cpu":
-        return
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if s == "cpu":
+        return s
     m = re.fullmatch(r"(cuda|mps)(?::(\d+))?", s)
     if not m:
         raise ConfigError(f"device {text!r}: expected cpu, cuda, cuda:N, mps or auto")
-    import torch
-
     if m.group(1) == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError(f"device {text!r}: this torch ({torch.__version__}) has no usable MPS device")
-        return
+        return s
     if not torch.cuda.is_available():
         why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
         raise ConfigError(f"device {text!r}: this torch ({torch.__version__}) {why}; use --device cpu")
     if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
         raise ConfigError(f"device {text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-
-
-def resolve_device(text: str) -> str:
-    """The torch device a run trains on: ``auto`` is cuda where torch can use a GPU, else cpu."""
-    s = str(text).strip().lower()
-    if s != "auto":
-        return s
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return s
 
 
 def load_config_file(path) -> dict:
