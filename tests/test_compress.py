@@ -71,11 +71,12 @@ def onnx_weights(path: Path) -> dict[str, np.ndarray]:
     their decoder nodes alone (the decoder's own constants left out)."""
     from onnx.reference import ReferenceEvaluator
 
-    from onnxadmm.export.storage import PREFIX
+    from onnxadmm.export.storage import decoder_nodes
 
     m = onnx.load(str(path))
-    decoder = [n for n in m.graph.node if n.name.startswith(PREFIX)]
-    made = [n.output[0] for n in decoder if n.name.rsplit("/", 1)[0] + "/" == PREFIX + n.output[0] + "/"]
+    by_weight = decoder_nodes(m)
+    decoder = [n for nodes in by_weight.values() for n in nodes]
+    made = [w for w, nodes in by_weight.items() if nodes]
     used = {i for n in decoder for i in n.input}
     out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name not in used}
     if made:
@@ -442,6 +443,21 @@ def test_iterable_of_batches(baseline, tmp_path, digits):
     check_report(rep)
     assert rep["accuracy"] is not None
     assert same_weights(out, baseline["out"])
+
+
+def test_whole_array_pair(baseline, tmp_path, digits):
+    """``data=(x, y)`` with whole arrays is one data set (not two batches): same weights as 'digits'."""
+    x, y = digits
+    out = tmp_path / "pair.onnx"
+    rep = compress(MODEL, out, (x, y), rate=20, seed=0, quiet=True, **FAST)
+    assert rep["accuracy"] is not None
+    assert same_weights(out, baseline["out"])
+
+
+def test_batches_that_do_not_stack(tmp_path, digits):
+    x, _ = digits
+    with pytest.raises(DataError, match="do not stack"):
+        compress(MODEL, tmp_path / "bad.onnx", [x[:10], x[:10].reshape(10, -1)[:, :3]], rate=20, quiet=True, **FAST)
 
 
 def test_top_level_api(baseline, tmp_path):
@@ -935,7 +951,7 @@ def test_codebook_format_needs_something_to_pack(tmp_path):
 def test_compressing_a_packed_model_again(baseline, tmp_path):
     """The baseline's pruned layers are in packed form (decoder nodes): compressing it again sees
     plain weights, keeps their zeros and packs the new ones."""
-    from onnxadmm.export.storage import PREFIX
+    from onnxadmm.export.storage import decoder_nodes
 
     assert baseline["rep"]["format"]["codebook_tensors"]
     out = tmp_path / "again.onnx"
@@ -944,8 +960,8 @@ def test_compressing_a_packed_model_again(baseline, tmp_path):
     for n in SIZES:
         assert not np.any((before[n] == 0) & (after[n] != 0)), n
     assert rep["pruning_rate"] == pytest.approx(30.0, rel=0.02)
-    names = [n.name for n in onnx.load(str(out)).graph.node if n.name.startswith(PREFIX)]
-    assert len({n.split("/")[1] for n in names}) == len(rep["format"]["codebook_tensors"])
+    decoders = decoder_nodes(onnx.load(str(out)))
+    assert all(decoders.values()) and len(decoders) == len(rep["format"]["codebook_tensors"])
     check_output_matches_report(out, rep)
 
 

@@ -17,7 +17,6 @@ from onnxadmm.errors import OnnxAdmmError
 from onnxadmm.export import storage as st
 from onnxadmm.export.storage import (
     METADATA_KEY,
-    PREFIX,
     Encoded,
     analyze,
     apply_storage,
@@ -118,7 +117,7 @@ def _new_initializers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[T
 
 def _decoded_by_reference(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
     """The weights as onnx.reference computes them from the decoder nodes alone."""
-    nodes = [n for n in model.graph.node if n.name.startswith(PREFIX)]
+    nodes = [n for ns in st.decoder_nodes(model).values() for n in ns]
     outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in names]
     graph = helper.make_graph(nodes, "decoders", [], outputs, list(model.graph.initializer))
     sub = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -156,10 +155,13 @@ def test_exact_in_onnxruntime(bits, group_axis, sparse):
     _check_exact(reference, out)
 
     # decoders first, named after their weight, consumers untouched
-    n_dec = sum(n.name.startswith(PREFIX) for n in out.graph.node)
-    assert all(n.name.startswith(PREFIX) for n in out.graph.node[:n_dec])
+    decoders = st.decoder_nodes(out)
+    n_dec = sum(len(v) for v in decoders.values())
+    assert {n.name for n in out.graph.node[:n_dec]} == {n.name for v in decoders.values() for n in v}
     assert [n.name for n in out.graph.node[n_dec:]] == [n.name for n in reference.graph.node]
-    assert {n.name.split("/")[1] for n in out.graph.node[:n_dec]} == set(SHAPES)
+    assert set(decoders) == set(SHAPES) and all(decoders.values())
+    # each weight's decoder ends in the node that outputs the weight
+    assert all(v[-1].output[0] == w for w, v in decoders.items())
     assert not set(SHAPES) & {t.name for t in out.graph.initializer}
 
     ref_decoded = _decoded_by_reference(out, list(SHAPES))
@@ -173,7 +175,13 @@ def test_exact_in_onnxruntime(bits, group_axis, sparse):
     meta = json.loads(dict((p.key, p.value) for p in out.metadata_props)[METADATA_KEY])
     for name, enc in encodings.items():
         entries = enc.stored + meta[name]["fillers"]
-        assert sizes[name]["codes"] == (entries if bits == 8 else math.ceil(entries / 8) * bits)
+        if meta[name]["joint"]:  # one stream of bits + gap_bits per entry, shared in that ratio
+            width = bits + meta[name]["gap_bits"]
+            both = entries * width // 8 if width in (8, 16) else math.ceil(entries / 8) * width
+            assert sizes[name]["codes"] + sizes[name]["positions"] == both
+            assert sizes[name]["codes"] == round(both * bits / width)
+        else:
+            assert sizes[name]["codes"] == (entries if bits == 8 else math.ceil(entries / 8) * bits)
         assert meta[name]["bits"] == bits and meta[name]["sparse"] == sparse
         assert meta[name]["stored"] == enc.stored and meta[name]["groups"] == enc.groups
         assert meta[name]["nonzero"] == np.count_nonzero(weights[name])
@@ -473,7 +481,7 @@ def test_analyze_plain_weights_and_metadata_merge():
     again = apply_storage(out, {"wc": encode_from_values(wc, [-0.5, 0.5])})
     meta = json.loads(dict((p.key, p.value) for p in again.metadata_props)[METADATA_KEY])
     assert set(meta) == {"wg", "wc"}
-    assert {n.name.split("/")[1] for n in again.graph.node if n.name.startswith(PREFIX)} == {"wg", "wc"}
+    assert {w for w, v in st.decoder_nodes(again).items() if v} == {"wg", "wc"}
     feeds = _feeds(again)
     assert np.array_equal(_run(again, feeds)[0], _run(_model({"wc": wc}), {"x1": feeds["x1"]})[0])
 
@@ -625,7 +633,8 @@ def test_expand_storage_restores_plain_initializers():
     }
     packed = apply_storage(reference, encodings)
     plain = st.expand_storage(packed)
-    assert not [n for n in plain.graph.node if n.name.startswith(PREFIX)]
+    assert not st.decoder_nodes(plain)
+    assert len(plain.graph.node) == len(reference.graph.node)
     assert {t.name for t in plain.graph.initializer} == {"wc", "wg", "wm"}
     assert METADATA_KEY not in {p.key for p in plain.metadata_props}
     values = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
@@ -687,3 +696,29 @@ def test_opset_raise_through_converter_keeps_sparse_initializers():
     feeds = _feeds(model)
     for a, b in zip(_run(model, feeds), _run(out, feeds), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_decoders_of_files_written_before_tags():
+    """Files whose metadata has no tag name their decoder nodes ``onnxadmm_decode/<weight>/<i>``:
+    analyze, decoder_nodes and expand_storage still find them."""
+    rng = np.random.default_rng(7)
+    w = np.where(rng.random(SHAPES["wg"]) < 0.3, 0.25, 0.0).astype(np.float32)
+    reference = _model({"wg": w})
+    new = apply_storage(reference, {"wg": encode_from_values(w, [0.0, 0.25], sparse=True)})
+    meta = json.loads(dict((p.key, p.value) for p in new.metadata_props)[METADATA_KEY])
+    tag = meta["wg"].pop("tag")
+    old = onnx.ModelProto()
+    old.CopyFrom(new)
+    for n in old.graph.node:
+        if n.name.startswith(tag):
+            n.name = f"{st.PREFIX}wg/{n.name[len(tag):]}"
+    for p in old.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = json.dumps(meta)
+    assert [n.name for n in st.decoder_nodes(old)["wg"]] == [
+        f"{st.PREFIX}wg/{n.name[len(tag):]}" for n in st.decoder_nodes(new)["wg"]
+    ]
+    old_bytes, new_bytes = st.analyze(old)["wg"]["bytes"], st.analyze(new)["wg"]["bytes"]
+    assert old_bytes.pop("nodes") > new_bytes.pop("nodes")  # the tags are the shorter names
+    assert old_bytes == new_bytes
+    assert np.array_equal(numpy_helper.to_array(st.expand_storage(old).graph.initializer[-1]), w)

@@ -30,12 +30,31 @@ from .pruning import allocate, matches, progressive_rates
 FORMATS = ("auto", "dense", "sparse", "codebook", "int8")
 
 
+def _is_array(v) -> bool:
+    return isinstance(v, np.ndarray) or torch.is_tensor(v)
+
+
+def _whole_pair(data) -> bool:
+    """``(inputs, labels)`` of whole arrays (not a sequence of two batches): a 2-tuple whose labels
+    are an array with as many rows as the inputs and fewer dimensions."""
+    if not (isinstance(data, tuple) and len(data) == 2 and _is_array(data[1])):
+        return False
+    x, y = data
+    first = next(iter(x.values()), None) if isinstance(x, dict) else x
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return _is_array(first) and first.ndim > y.ndim and len(first) == len(y)
+
+
 def _gather(data, specs, data_options) -> Dataset:
-    """A Dataset from a Dataset, dict of arrays, path/name, or any iterable of batches."""
+    """A Dataset from a Dataset, dict of arrays, path/name, an (inputs, labels) pair of whole
+    arrays, or any iterable of batches."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, os.PathLike, dict)):
         return load_data(data, specs, **(data_options or {}))
+    if _whole_pair(data):
+        data = [data]
     # iterable of batches: (inputs, labels) or inputs; inputs an array, a tuple/list, or a dict
     cols: dict[str, list] = {s.name: [] for s in specs}
     labels: list = []
@@ -54,9 +73,12 @@ def _gather(data, specs, data_options) -> Dataset:
             labels.append(np.asarray(y.detach().cpu() if torch.is_tensor(y) else y))
     if not any(cols.values()):
         raise DataError("the data iterable yielded no batches")
-    arrays = {k: np.concatenate(v) for k, v in cols.items() if v}
-    if labels:
-        arrays["y"] = np.concatenate(labels)
+    try:
+        arrays = {k: np.concatenate(v) for k, v in cols.items() if v}
+        if labels:
+            arrays["y"] = np.concatenate(labels)
+    except ValueError as e:
+        raise DataError(f"the data batches do not stack into one array per input ({e})") from None
     return load_data(arrays, specs, **(data_options or {}))
 
 
@@ -106,7 +128,8 @@ def compress(
     """Prune ``model`` with ADMM to ``config.rate`` and write ``output``; returns the report dict.
 
     ``data``/``val_data``: a path (.npz or folder of .npy), ``"digits"``, a dict of arrays, a
-    :class:`Dataset` or any iterable of ``(inputs, labels)`` batches. Keyword ``overrides`` set
+    :class:`Dataset`, an ``(inputs, labels)`` pair of whole arrays or any iterable of
+    ``(inputs, labels)`` batches. Keyword ``overrides`` set
     config fields (``rate=50``, ``lr=1e-3``, ...).
     """
     t0 = time.perf_counter()

@@ -47,8 +47,15 @@ Formats (``FORMAT`` = ``onnxadmm-codebook-1``), all integers unsigned, little-en
    as float32 (float16 when the weight is float16 or every value is exact in it), next to the gap
    stream of format 4. A pruned float32 weight then costs about ``4 + r/8`` bytes per stored
    element instead of the 12 of an ONNX COO sparse initializer (int64 indices).
+6. *Joint entries* (sparse, with codes): the code and gap streams of format 4 merged into one
+   stream of ``bits + r`` bits (at most 16) per entry, holding ``code * 2**r + gap`` (Deep
+   Compression's layout). Split by ``Mod``/``Div`` by ``2**r``; chosen where one stream costs less
+   than two, for example 3-bit codes and 5-bit gaps in one plain byte instead of two packed
+   streams, each with its own decoder. Its bytes are reported as codes and positions in the ratio
+   ``bits : r``.
 
-Decoder (nodes named ``onnxadmm_decode/<weight>/<i>``, tensors ``_oa<j>/...``): a stream is
+Decoder (nodes and tensors named ``<tag><i>``, the tag ``_oa<j>/`` being unique to the weight and
+recorded in its metadata entry; :func:`decoder_nodes` finds them): a stream is
 ``Cast`` to int32 (plain), or for packed ones ``Cast``, ``Gather`` of the bytes each value touches,
 ``MatMul`` by ``256**k`` to join them (``Mul`` + ``ReduceSum`` below opset 9), ``Div`` by the bit
 offset, ``Mod 2**w`` (``Div``/``Mul``/``Sub`` below opset 10), ``Reshape`` (+ ``Slice`` of the padding). Dense weights: ``Add`` the group
@@ -99,6 +106,7 @@ __all__ = [
     "analyze",
     "apply_storage",
     "decode",
+    "decoder_nodes",
     "default_opset",
     "encode_from_values",
     "encode_sparse",
@@ -116,7 +124,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "onnxadmm.storage"
 #: Name of the storage format described in the module docstring.
 FORMAT = "onnxadmm-codebook-1"
-#: Prefix of the name of every decoder node: ``onnxadmm_decode/<weight>/<i>``.
+#: Prefix of the decoder node names of files written before the tag was recorded in the metadata
+#: (``onnxadmm_decode/<weight>/<i>``): still recognised by :func:`decoder_nodes`.
 PREFIX = "onnxadmm_decode/"
 
 _DENSE_OPSET = 7  # Cast-6 (uint8/uint16), Div-7 / Mul-7 / Add-7 on int32, Gather-1, Reshape-5
@@ -126,7 +135,14 @@ _INT32_LIMIT = 2**31 - 1
 
 # Roles of the payload initializers (by the last component of their name) in storage_bytes / analyze;
 # every other decoder initializer counts as "graph".
-_ROLE_OF = {"codes": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes"}
+_ROLE_OF = {"codes": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes", "entries": "entries"}
+
+
+def _split_entries(nbytes: int, bits: int, gap_bits: int) -> tuple[int, int]:
+    """(codes, positions) share of the bytes of a joint entry stream (format 6), in the ratio of
+    their bits."""
+    codes = round(nbytes * bits / (bits + gap_bits))
+    return codes, nbytes - codes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,22 +557,23 @@ def _varint(n: int) -> bytes:
 class _Builder:
     """Collects the initializers and nodes of one weight's decoder.
 
-    Nodes are named ``onnxadmm_decode/<weight>/<i>``. Tensors get short names ``<tag><i>`` and
-    ``<tag>{codes,gaps,codebook}`` for the payload, with a tag such as ``_oa0/`` that no other
-    tensor name starts with: every name is repeated in the file, once per producer and consumer,
+    Nodes and the tensors they make get short names ``<tag><i>`` (a node and its output share the
+    name: node and tensor names are separate namespaces), the payload tensors
+    ``<tag>{codes,gaps,entries,codebook,values}``, with a tag such as ``_oa0/`` that no other name
+    in the model starts with: every name is repeated in the file, once per producer and consumer,
     and long names would cost more than the payload of a small tensor. Integer constants are
     de-duplicated by value. ``initializers`` maps name to (role, TensorProto); the role is
     ``codes``/``positions``/``codebook`` for the payload and ``graph`` for the decoder's constants.
     """
 
-    def __init__(self, weight: str, opset: int, tag: str = "_oa0/"):
-        self.prefix = f"{PREFIX}{weight}/"
+    def __init__(self, opset: int, tag: str = "_oa0/"):
         self.tag = tag
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, tuple[str, TensorProto]] = {}
         self._consts: dict[tuple, str] = {}
         self._count = 0
+        self.joint: tuple[int, int] | None = None  # (bits, gap_bits) of a joint entry stream
 
     def _name(self) -> str:
         self._count += 1
@@ -595,8 +612,7 @@ class _Builder:
 
     def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
         value = self._name()
-        name = f"{self.prefix}{self._count}"
-        self.nodes.append(helper.make_node(op_type, inputs, [output or value], name=name, **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, [output or value], name=value, **attrs))
         return output or value
 
     def mod_pow2(self, x: str, width: int) -> str:
@@ -618,7 +634,12 @@ class _Builder:
         headers = 0
         for role, t in self.initializers.values():
             n = _tensor_nbytes(t)
-            out[role] += n
+            if role == "entries":
+                codes, positions = _split_entries(n, *self.joint)
+                out["codes"] += codes
+                out["positions"] += positions
+            else:
+                out[role] += n
             headers += _framed(t.ByteSize()) - n
         out["total"] = sum(out.values())
         out["nodes"] = headers + sum(_framed(n.ByteSize()) for n in self.nodes)
@@ -688,10 +709,11 @@ class _Layout:
     gaps_packed: bool = False
     fillers: int = 0
     filler_mode: str = "none"  # none | zero | append | marker (see _entries)
+    joint: bool = False  # codes and gaps in one stream of bits + gap_bits (format 6)
 
 
 def _unpack_overhead(width: int, count: int, opset: int) -> int:
-    b = _Builder("x", opset)
+    b = _Builder(opset)
     _emit_unpack(b, "codes", None, width, count, True, (count,))
     sizes = b.bytes_by_role()
     return sizes["graph"] + sizes["nodes"]
@@ -712,9 +734,18 @@ def _stream_choice(width: int, count: int, opset: int, packing: str) -> tuple[bo
     return (True, packed) if packed < plain or packing == "bits" else (False, plain)
 
 
+def _split_overhead(gap_bits: int, opset: int) -> int:
+    """Bytes splitting a joint entry stream adds to a decoder (Mod, Div and their constant)."""
+    b = _Builder(opset)
+    b.op("Mod", ["_oa0/1", b.i32(2**gap_bits)])
+    b.op("Div", ["_oa0/1", b.i32(2**gap_bits)])
+    sizes = b.bytes_by_role()
+    return sizes["graph"] + sizes["nodes"]
+
+
 def _marker_overhead(opset: int) -> int:
     """Bytes the ``marker`` filler mode adds to a decoder (nodes, constants, codebook zero)."""
-    b = _Builder("x", opset)
+    b = _Builder(opset)
     is_filler = b.op("Equal", ["_oa0/1", b.i32(255)])
     b.op("Sub", ["_oa0/1", b.op("Cast", [is_filler], to=TensorProto.INT32)])
     b.op("Where", [is_filler, b.i32(1000), "_oa0/2"])
@@ -750,9 +781,15 @@ def _plan(enc: Encoded, opset: int, packing: str = "auto") -> _Layout:
             else:
                 codes_packed, code_bytes = _stream_choice(enc.bits, entries, opset, packing)
             gaps_packed, gap_bytes = _stream_choice(r, entries, opset, packing)
-            cost = code_bytes + gap_bytes + extra[mode]
-            if best is None or cost < best[0]:
-                best = (cost, _Layout(codes_packed, r, gaps_packed, fillers, mode))
+            options = [(code_bytes + gap_bytes, _Layout(codes_packed, r, gaps_packed, fillers, mode))]
+            if not enc.raw and enc.bits + r <= _MAX_GAP_BITS:
+                packed, nbytes = _stream_choice(enc.bits + r, entries, opset, packing)
+                cost = nbytes + _split_overhead(r, opset)
+                options.append((cost, _Layout(packed, r, packed, fillers, mode, joint=True)))
+            for cost, layout in options:
+                cost += extra[mode]
+                if best is None or cost < best[0]:
+                    best = (cost, layout)
     return best[1]
 
 
@@ -791,7 +828,7 @@ def _build(
             f"{weight!r}: the {kind} decoder needs opset >= {_needed_opset(enc)}, not {opset}"
         )
     layout = _plan(enc, opset, packing)
-    b = _Builder(weight, opset, tag)
+    b = _Builder(opset, tag)
     zero = numpy_helper.from_array(np.zeros(1, enc.dtype))
     if enc.sparse and enc.stored == 0:
         b.op("ConstantOfShape", [b.i64(list(enc.shape))], weight, value=zero)
@@ -820,9 +857,15 @@ def _build(
             stream = np.zeros(codes.size, np.float32)
             stream[codes >= 0] = enc.codebook[0]
             cb_arr = stream.astype(cb_arr.dtype)
+        if layout.joint:  # format 6: code * 2**r + gap in one stream
+            b.joint = (enc.bits, r)
+            merged = _emit_unpack(b, "entries", codes * 2**r + gaps, enc.bits + r, codes.size, layout.codes_packed)
+            dist = b.op("Mod", [merged, b.i32(2**r)])
+            idx = b.op("Div", [merged, b.i32(2**r)])
         else:
-            idx = _emit_unpack(b, "codes", codes, enc.bits, codes.size, layout.codes_packed)
-        dist = _emit_unpack(b, "gaps", gaps, r, gaps.size, layout.gaps_packed)
+            if not enc.raw:
+                idx = _emit_unpack(b, "codes", codes, enc.bits, codes.size, layout.codes_packed)
+            dist = _emit_unpack(b, "gaps", gaps, r, gaps.size, layout.gaps_packed)
         if mode == "marker":  # a filler advances one position less than its gap value says
             is_filler = b.op("Equal", [dist, b.i32(2**r - 1)])
             dist = b.op("Sub", [dist, b.op("Cast", [is_filler], to=TensorProto.INT32)])
@@ -854,10 +897,11 @@ def _build(
 # Byte accounting
 
 
-def _describe(enc: Encoded, layout: _Layout) -> dict:
+def _describe(enc: Encoded, layout: _Layout, tag: str) -> dict:
     """The weight's entry in the ``METADATA_KEY`` metadata."""
     return {
         "format": FORMAT,
+        "tag": tag,
         "shape": list(enc.shape),
         "bits": enc.value_bits,
         "raw": enc.raw,
@@ -869,6 +913,7 @@ def _describe(enc: Encoded, layout: _Layout) -> dict:
         "stored": enc.stored,
         "fillers": layout.fillers,
         "filler_mode": layout.filler_mode,
+        "joint": layout.joint,
         "nonzero": _nonzero(enc),
     }
 
@@ -880,7 +925,7 @@ def file_cost(enc: Encoded, name: str, opset: int = 13, packing: str = "auto") -
     weights share: a conservative price for each)."""
     b, layout = _build(enc, name, max(opset, _needed_opset(enc)), packing=packing)
     sizes = b.bytes_by_role()
-    entry = json.dumps({name: _describe(enc, layout)}, sort_keys=True, separators=(",", ":"))
+    entry = json.dumps({name: _describe(enc, layout, "_oa0/")}, sort_keys=True, separators=(",", ":"))
     return sizes["total"] + sizes["nodes"] + len(entry.encode()) + len(METADATA_KEY) + 8
 
 
@@ -1089,10 +1134,10 @@ def apply_storage(
     1. The weight must be a float32/float16 initializer (or sparse initializer) of the main graph
        whose shape and dtype match the encoding; its data is dropped (the encoding defines the new
        values). A weight also listed in ``graph.input`` (old IR) is removed from the inputs.
-    2. The decoder's nodes, named ``onnxadmm_decode/<weight>/<i>`` (their tensors get short unique
-       names ``_oa<j>/...``), go to the start of ``graph.node`` and the last one outputs the
-       weight's name, so every consumer and every other node, initializer and attribute is left
-       untouched.
+    2. The decoder's nodes and tensors, named ``<tag><i>`` with a tag ``_oa<j>/`` unique to the
+       weight (short names: they repeat in the file), go to the start of ``graph.node`` and the
+       last node outputs the weight's name, so every consumer and every other node, initializer
+       and attribute is left untouched.
     3. The default-domain opset is raised when a decoder needs it (7 dense, 11 sparse) or to
        ``opset_min``; see the module docstring for how. IR < 4 models that keep their IR version
        also list the new initializers as graph inputs, as that IR requires.
@@ -1100,8 +1145,9 @@ def apply_storage(
        "bytes" stores them as uint8/uint16, "auto" (default) picks per stream whichever adds fewer
        bytes to the file, decoder nodes included (packing pays from a few hundred values on).
     5. ``metadata_props[METADATA_KEY]`` holds a JSON object ``{weight: description}`` (merged with
-       an existing one) with format, shape, bits, K, groups, group_axis, sparse, gap_bits, stored,
-       fillers, filler_mode and nonzero (decoded non-zeros), for :func:`analyze` and report tools.
+       an existing one) with format, tag, shape, bits, K, groups, group_axis, sparse, gap_bits,
+       stored, fillers, filler_mode, joint and nonzero (decoded non-zeros), for :func:`analyze`,
+       :func:`decoder_nodes` and report tools.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -1142,14 +1188,15 @@ def apply_storage(
                 f"apply_storage: {name!r} is {helper.tensor_dtype_to_np_dtype(dtype)}{list(dims)}, "
                 f"the encoding is {enc.dtype}{list(enc.shape)}"
             )
-        b, layout = _build(enc, name, target, next(tags), packing)
+        tag = next(tags)
+        b, layout = _build(enc, name, target, tag, packing)
         clash = taken & ({o for n in b.nodes for o in n.output} - {name} | set(b.initializers))
         clash |= taken & {n.name for n in b.nodes}
         if clash:
             raise OnnxAdmmError(f"apply_storage: the model already has a tensor named {min(clash)!r}")
         new_nodes.extend(b.nodes)
         new_inits.extend(t for _, t in b.initializers.values())
-        described[name] = _describe(enc, layout)
+        described[name] = _describe(enc, layout, tag)
 
     kept = [t for i, t in enumerate(graph.initializer) if i not in drop_init]
     del graph.initializer[:]
@@ -1198,12 +1245,32 @@ def _float_entry(name: str, kind: str, tensors: list[TensorProto], shape, values
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
+def _is_decoder_node(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and name[len(prefix) :].isdigit()
+
+
+def _node_prefix(weight: str, description: dict) -> str:
+    """Node-name prefix of a weight's decoder: its tag, or the older ``onnxadmm_decode/<weight>/``."""
+    return description.get("tag") or f"{PREFIX}{weight}/"
+
+
+def decoder_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{weight: its decoder nodes}`` for every weight :func:`apply_storage` wrote (by the tags in
+    the metadata entry; files from before tags were recorded, by their ``onnxadmm_decode/`` names)."""
+    meta = _read_meta(model)
+    out = {}
+    for weight, d in meta.items():
+        prefix = _node_prefix(weight, d)
+        out[weight] = [n for n in model.graph.node if _is_decoder_node(n.name, prefix)]
+    return out
+
+
 def _decoder_parts(
-    graph: onnx.GraphProto, weight: str
+    graph: onnx.GraphProto, weight: str, description: dict
 ) -> tuple[list[onnx.NodeProto], dict[str, TensorProto]]:
     """The decoder nodes of ``weight`` and the initializers they read."""
-    prefix = f"{PREFIX}{weight}/"
-    nodes = [n for n in graph.node if n.name.startswith(prefix) and n.name[len(prefix) :].isdigit()]
+    prefix = _node_prefix(weight, description)
+    nodes = [n for n in graph.node if _is_decoder_node(n.name, prefix)]
     inputs = {i for n in nodes for i in n.input}
     return nodes, {t.name: t for t in graph.initializer if t.name in inputs}
 
@@ -1212,7 +1279,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
     """Per-weight storage of a model: ``{name: {name, storage, shape, params, nonzero, bits, stored, bytes}}``.
 
     ``storage`` is ``codebook`` (written by :func:`apply_storage`, recognised by the metadata entry
-    and its ``onnxadmm_decode/<name>/<i>`` nodes; the entry adds ``K``, ``groups``, ``sparse``,
+    and its decoder nodes; the entry adds ``K``, ``groups``, ``sparse``,
     ``gap_bits`` and ``fillers``), ``dense`` (a float initializer), ``coo`` (a float sparse
     initializer: values under ``codes``, indices under ``positions``) or ``constant`` (a float
     ``Constant`` node tensor). ``bytes`` has the keys of :func:`storage_bytes`: ``total`` is the raw
@@ -1226,7 +1293,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
     result: dict[str, dict] = {}
     owned: set[str] = set()
     for name, d in meta.items():
-        nodes, inits = _decoder_parts(graph, name)
+        nodes, inits = _decoder_parts(graph, name, d)
         if not nodes:
             log.warning("%s lists %r but the model has no decoder for it", METADATA_KEY, name)
             continue
@@ -1235,7 +1302,12 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
         for init_name, t in inits.items():
             n = _tensor_nbytes(t)
             role = _ROLE_OF.get(init_name.rsplit("/", 1)[-1], "graph")
-            parts[role] += n
+            if role == "entries":
+                codes, positions = _split_entries(n, d["bits"], d["gap_bits"])
+                parts["codes"] += codes
+                parts["positions"] += positions
+            else:
+                parts[role] += n
             headers += _framed(t.ByteSize()) - n
         owned |= set(inits)
         parts["total"] = sum(parts.values())
@@ -1280,7 +1352,7 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     are removed and the decoded tensor takes the weight's name, so a compressed model can be
     imported and compressed further. The metadata entry goes; a model without one is returned as is."""
     meta = _read_meta(model)
-    parts = {name: _decoder_parts(model.graph, name) for name in meta}
+    parts = {name: _decoder_parts(model.graph, name, d) for name, d in meta.items()}
     parts = {name: v for name, v in parts.items() if v[0]}
     if not parts:
         return model
@@ -1336,7 +1408,7 @@ def unfolded_decode_nodes(
     """Decoder nodes onnxruntime leaves in the graph after basic optimisation (should be ``[]``).
 
     Loads ``model`` at ``ORT_ENABLE_BASIC`` with ``optimized_model_filepath`` set and lists the
-    nodes of the optimised graph whose names start with :data:`PREFIX`.
+    nodes of the optimised graph named as decoder nodes (see :func:`decoder_nodes`).
     """
     import onnxruntime as ort
 
@@ -1347,4 +1419,5 @@ def unfolded_decode_nodes(
         so.optimized_model_filepath = path
         ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
         optimized = onnx.load(path, load_external_data=False)
-    return [n.name for n in optimized.graph.node if n.name.startswith(PREFIX)]
+    prefixes = [_node_prefix(w, d) for w, d in _read_meta(model).items()]
+    return [n.name for n in optimized.graph.node if any(_is_decoder_node(n.name, p) for p in prefixes)]
