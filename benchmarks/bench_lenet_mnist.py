@@ -231,14 +231,16 @@ def admm_epochs(cfg: dict, n_steps: int, n_train: int, rate: float | None = None
         total = max(1, int(round(per_epoch * e)))
         return max(total, int(round(cfg["min_batches"] * min(e, 1.0)))) if e > 0 else total
 
-    def step_batches(retrain_epochs: float) -> int:
-        retrain = [min(1.0, retrain_epochs - k) for k in range(max(1, math.ceil(retrain_epochs)))]
-        return cfg["admm_iterations"] * n_batches(cfg["epochs_per_iteration"]) + sum(n_batches(e) for e in retrain)
-
     from onnxadmm.compress.config import CompressConfig
 
     known = {k: v for k, v in cfg.items() if k in CompressConfig.__dataclass_fields__}
-    final = CompressConfig(**dict(known, rate=rate or known.get("rate"))).validate().final_epochs()
+    resolved = CompressConfig(**dict(known, rate=rate or known.get("rate"))).validate()
+    final, per_iteration = resolved.final_epochs(), resolved.iteration_epochs()
+
+    def step_batches(retrain_epochs: float) -> int:
+        retrain = [min(1.0, retrain_epochs - k) for k in range(max(1, math.ceil(retrain_epochs)))]
+        return cfg["admm_iterations"] * n_batches(per_iteration) + sum(n_batches(e) for e in retrain)
+
     total = (n_steps - 1) * step_batches(cfg["retrain_epochs"]) + step_batches(final)
     return total / per_epoch
 
@@ -385,6 +387,9 @@ def fmt_rate(r: float) -> str:
 
 
 def section_text(rows, dense: dict, commands: list[str], overrides: dict, envs: list[str]) -> str:
+    from onnxadmm.compress.config import CompressConfig
+
+    DEFAULTS = CompressConfig()  # noqa: N806
     lines = [f"## {SECTION}", ""]
     lines += [
         "LeNet-5 as in the ADMM papers (Caffe's `lenet`): conv 1->20 5x5, maxpool 2, conv 20->50 5x5, maxpool 2, "
@@ -400,7 +405,9 @@ def section_text(rows, dense: dict, commands: list[str], overrides: dict, envs: 
         "10,000 test images as validation data"
         + (
             " and the library's default schedule and loss (with labels on a classifier: cross-entropy plus "
-            "distillation from the dense model, weight 1, temperature 2)."
+            f"distillation from the dense model, weight 1, temperature {DEFAULTS.temperature:g}; "
+            f"{DEFAULTS.admm_iterations} ADMM iterations of one epoch per step, two from "
+            f"{DEFAULTS.long_admm_rate:g}x up)."
             if not overrides
             else ", with these settings changed from the defaults: "
             + ", ".join(f"`{k}={v}`" for k, v in overrides.items())

@@ -213,7 +213,7 @@ def _defaults():
 @click.option(
     "--epochs-per-iteration",
     type=float,
-    help=f"Training epochs per ADMM iteration. [default: {_defaults().epochs_per_iteration}]",
+    help="Training epochs per ADMM iteration. [default: 1; 2 when pruning alone to 200x or more]",
 )
 @click.option(
     "--retrain-epochs",

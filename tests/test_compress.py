@@ -225,7 +225,13 @@ def test_report_contents(baseline):
     assert rep["target_rate"] == 20.0
     # the report holds the settings used: the automatic distillation weight resolved (labels, classifier)
     # and the final step's retraining (20x: no restart, as the other steps)
-    resolved = {"distill": 1.0, "final_retrain_lr": 1e-3, "final_retrain_epochs": FAST["retrain_epochs"], "allocation_power": 0.3}
+    resolved = {
+        "distill": 1.0,
+        "final_retrain_lr": 1e-3,
+        "final_retrain_epochs": FAST["retrain_epochs"],
+        "allocation_power": 0.3,
+        "epochs_per_iteration": 1.0,
+    }
     assert rep["config"] == CompressConfig(rate=20, seed=0, **resolved, **FAST).validate().to_dict()
     acc = rep["accuracy"]
     assert set(acc) == {"original", "compressed"}
@@ -1210,6 +1216,28 @@ def test_high_rate_restart_rule():
     assert not CompressConfig(rate=4, structure="channel").validate().restarts()
     with pytest.raises(ConfigError, match="restart_rate"):
         CompressConfig(restart_rate=0.5).validate()
+
+
+def test_long_admm_iterations_rule():
+    """Auto (None): one epoch per ADMM iteration, two when pruning alone (unstructured, no
+    quantization) to long_admm_rate or more; an explicit value wins."""
+    assert CompressConfig(rate=100).validate().iteration_epochs() == 1
+    assert CompressConfig(rate=200).validate().iteration_epochs() == 2
+    assert CompressConfig(rate=246, bits=3).validate().iteration_epochs() == 1
+    assert CompressConfig(rate=300, structure="filter").validate().iteration_epochs() == 1
+    assert CompressConfig(rate=300, long_admm_rate=500).validate().iteration_epochs() == 1
+    assert CompressConfig(rate=300, epochs_per_iteration=0.5).validate().iteration_epochs() == 0.5
+    with pytest.raises(ConfigError, match="long_admm_rate"):
+        CompressConfig(long_admm_rate=0).validate()
+
+
+def test_long_admm_iterations_in_a_run(tmp_path):
+    """A run at 200x trains two epochs' worth of batches per ADMM iteration and reports the value."""
+    cfg = dict(FAST, max_batches_per_epoch=3, admm_iterations=1, progressive=False)
+    runs = {r: compress(MODEL, tmp_path / f"{r}.onnx", "digits", rate=r, quiet=True, **cfg) for r in (100, 200)}
+    assert [runs[r]["config"]["epochs_per_iteration"] for r in (100, 200)] == [1, 2]
+    # the same schedule otherwise (both restart the final retraining): 3 more batches, 6 against 3
+    assert runs[200]["optimizer_steps"] - runs[100]["optimizer_steps"] == 3
 
 
 def test_high_rate_restart_in_the_last_pruning_step(tmp_path, monkeypatch):

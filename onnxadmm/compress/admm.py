@@ -344,7 +344,7 @@ class Engine:
 
         admm = unit.kind == "admm"
         retrain = self.cfg.retrain_epochs_of(unit.step, self.final_step)
-        epochs = self.cfg.epochs_per_iteration if admm else min(1.0, retrain - unit.index)
+        epochs = self.cfg.iteration_epochs() if admm else min(1.0, retrain - unit.index)
         bar = None
         run_loss, seen = 0.0, 0
         self.m.train()

@@ -53,7 +53,10 @@ class CompressConfig:
     progressive: bool = True  # reach high rates in steps
     step_factor: float = 8.0  # largest rate ratio between two progressive steps
     admm_iterations: int = 6  # ADMM iterations per step (each one W-step of epochs_per_iteration)
-    epochs_per_iteration: float = 1.0
+    # training epochs per ADMM iteration (None: auto, 1, or 2 when pruning alone to long_admm_rate
+    # or more: LeNet-5 at 246x, 98.99% mean of four runs against 98.91%; no gain at 100x)
+    epochs_per_iteration: float | None = None
+    long_admm_rate: float = 200.0
     retrain_epochs: float = 4.0  # masked retraining epochs per step
     final_retrain_epochs: float | None = None  # retraining epochs of the final step (None: auto, below)
     rho: float = 1e-3  # initial ADMM penalty
@@ -117,6 +120,8 @@ class CompressConfig:
         for name in ("step_factor", "rho", "rho_multiplier", "rho_max", "lr", "retrain_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.long_admm_rate >= 1:
+            raise ConfigError(f"long_admm_rate {self.long_admm_rate!r}: expected a rate of at least 1")
         if not self.restart_rate >= 1:
             raise ConfigError(f"restart_rate {self.restart_rate!r}: expected a rate of at least 1")
         if self.final_retrain_lr is not None and not self.final_retrain_lr > 0:
@@ -156,6 +161,15 @@ class CompressConfig:
         if not prunes or self.rate is None:
             return False
         return self.rate >= self.restart_rate or (self.structure == "filter" and self.rate > 1)
+
+    def iteration_epochs(self) -> float:
+        """Training epochs per ADMM iteration: ``epochs_per_iteration``, or by default 1, and 2 for
+        unstructured pruning without quantization from ``long_admm_rate`` up (a very sparse target
+        needs the W-step to move further between two Z-steps)."""
+        if self.epochs_per_iteration is not None:
+            return self.epochs_per_iteration
+        long = self.rate is not None and self.rate >= self.long_admm_rate
+        return 2.0 if long and self.structure == "none" and not self.quantizing else 1.0
 
     def final_epochs(self, prunes: bool = True) -> float:
         if self.final_retrain_epochs is not None:

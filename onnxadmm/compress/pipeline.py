@@ -252,6 +252,7 @@ def compress(
     labels = [f"{r:.3g}x" for r in rates[: len(steps)]] + (["quantize"] if specs_q else [])
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
+    cfg.epochs_per_iteration = cfg.iteration_epochs()
     engine = Engine(
         module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
         views=views, couples=couples,
