@@ -340,3 +340,27 @@ def test_cli_scores_the_logits_of_a_model_whose_output_needs_labels(tmp_path, di
     assert d["file_bytes"] == path.stat().st_size == d["reference"]["file_bytes"]
     assert d["reference"]["model"] == str(path)
     assert "scored output(s) logits computed from input" in d["notes"][0]
+
+
+def test_image_output_has_no_top1(tmp_path):
+    """An output with several axes beyond the batch (an image: [N, 3, H, W]) gets no top-1 and no
+    agreement; the comparison rests on the output differences. [N, C, 1, 1] is still a classifier."""
+    x = np.random.default_rng(0).standard_normal((6, 2, 5, 5)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((3, 2, 1, 1)).astype(np.float32)
+    for name, y_shape, extra in [("img", ["N", 3, 5, 5], []), ("cls", ["N", 3, 1, 1], ["GlobalAveragePool"])]:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c" if extra else "y"])]
+        if extra:
+            nodes.append(helper.make_node(extra[0], ["c"], ["y"]))
+        g = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 5, 5])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)], [numpy_helper.from_array(w, "w")],
+        )  # fmt: skip
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+        d = evaluate_model(path, Dataset({"x": x}), reference=path, providers=())
+        assert d["max_abs_diff"] == 0.0
+        if name == "img":
+            assert d["agreement"] is None
+            assert any("more than one axis beyond the batch" in n for n in d["notes"])
+        else:
+            assert d["agreement"] == 1.0

@@ -800,3 +800,30 @@ def test_conv_transpose_reader_loses_only_zero_channels(bias):
     np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
     assert after["wt"].shape == ((3, 2, 3, 3) if bias == 0 else (4, 2, 3, 3))
     assert res.removed == ({"w1": 1} if bias == 0 else {})
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.7])
+def test_conv_transpose_producer_loses_its_empty_filters(bias):
+    """A ConvTranspose whose output channel has no weight outputs its bias there: the channel goes
+    (the weight's column with it) and a reader without padding folds the constant into its bias."""
+    inits = {"w1": _f(4, 3, 3, 3), "b1": _f(4), "wt": _f(4, 5, 3, 3), "bt": _f(5), "w2": _f(2, 5, 3, 3), "b2": _f(2)}
+    inits["wt"][:, [1, 3]] = 0
+    inits["bt"][[1, 3]] = bias
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["t"], strides=[2, 2]),
+        helper.make_node("Relu", ["t"], ["rt"]),
+        helper.make_node("Conv", ["rt", "w2", "b2"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, 6, 6], ["N", 2, 11, 11])
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert after["wt"].shape == (4, 3, 3, 3) and after["bt"].shape == (3,)
+    assert after["w2"].shape == (2, 3, 3, 3)
+    assert res.removed == {"wt": 2}
+    from onnxadmm.export.shrink import removable_channels
+
+    assert removable_channels(m)["wt"] is None

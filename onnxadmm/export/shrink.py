@@ -8,8 +8,9 @@ the block of features the channel became), and the channel-wise ops between them
 pooling, BatchNormalization, scalar arithmetic) are sliced or carry the constant along. The pass
 repeats until nothing changes, as a removed input channel can leave a filter constant in turn.
 
-What is handled: Conv (group 1), Gemm and MatMul(+Add bias) layers whose weights are initializers
-that nothing else uses (a ConvTranspose as a reader only, of channels that are exactly 0); between
+What is handled: Conv and ConvTranspose (group 1), Gemm and MatMul(+Add bias) layers whose weights
+are initializers that nothing else uses (a ConvTranspose reads only channels that are exactly 0
+away: through a transposed kernel a constant input is not constant at the borders); between
 them unary activations, Max/Average/global pooling, inference BatchNormalization and
 InstanceNormalization, Dropout, Identity, Crop, scalar Mul/Add/Sub/Div, t * f(t) activations (SiLU,
 HardSwish), spatial Pad, depthwise convolutions (sliced with the channel), a Concat of channels (the
@@ -236,6 +237,15 @@ def _producer(G: _Graph, node) -> _Layer | None:
         if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[0],)):
             return None
         return _Layer(node, "conv", w, 0, 1, bias, node.output[0])
+    if op == "ConvTranspose":
+        # weight (in, out, ...): output channel c is column c; with no weight there, its output is
+        # the bias everywhere (nothing overlaps), so a zero column is a constant channel
+        if a.get("group", 1) != 1 or W.ndim < 3:
+            return None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[1],)):
+            return None
+        return _Layer(node, "conv", w, 1, 0, bias, node.output[0])
     if op == "Gemm" and W.ndim == 2 and not a.get("transA", 0):
         out_axis = 0 if a.get("transB", 0) else 1
         n_out = W.shape[out_axis]
@@ -941,8 +951,8 @@ def channel_blocks(model: onnx.ModelProto) -> dict[str, tuple[int, bool]]:
             p = G.producers.get(t)
             if p is None:
                 break
-            if p.op_type == "Conv" and len(p.input) > 1 and p.input[1] in G.values:
-                C = G.values[p.input[1]].shape[0]
+            if p.op_type in ("Conv", "ConvTranspose") and len(p.input) > 1 and p.input[1] in G.values:
+                C = G.values[p.input[1]].shape[0 if p.op_type == "Conv" else 1]
                 if flat and C > 1 and W.shape[in_axis] % C == 0 and W.shape[in_axis] > C:
                     out[node.input[1]] = (int(C), last)
                 break
@@ -976,11 +986,9 @@ def removable_channels(model: onnx.ModelProto) -> dict[str, str | None]:
             continue
         layer = _producer(G, node)
         if layer is None:
-            if node.op_type == "ConvTranspose":
-                out[w] = "a ConvTranspose (not handled)"
-            elif w in sums:
+            if w in sums:
                 later.append(w)
-            elif node.op_type == "Conv" and _attrs(node).get("group", 1) != 1:
+            elif node.op_type in ("Conv", "ConvTranspose") and _attrs(node).get("group", 1) != 1:
                 out[w] = "a grouped convolution"
             else:
                 out[w] = "its weights or bias are shared, not an initializer, or a graph output"

@@ -178,9 +178,16 @@ def _predictions(
 
     One float value per sample is a binary classifier: class 1 where the output exceeds 0.5 when it
     is a probability (made by Sigmoid, or every value within [0, 1]), else where it exceeds 0 (a logit).
+    An output with two or more axes of length above 1 besides the batch (an image, a segmentation
+    map) has no top-1 per sample: the comparison with a reference rests on the output differences.
     """
     if out.ndim == 0 or out.shape[0] != n:
         return None, f"output shape {list(out.shape)} is not batched over the {n} samples"
+    if sum(d > 1 for d in out.shape[1:]) > 1:
+        return None, (
+            f"output of shape {list(out.shape)} has more than one axis beyond the batch (an image or "
+            "per-position output), not one score vector per sample"
+        )
     flat = out.reshape(n, -1)
     if out.dtype.kind in "iub":
         if flat.shape[1] != 1:
