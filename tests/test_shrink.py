@@ -827,3 +827,87 @@ def test_conv_transpose_producer_loses_its_empty_filters(bias):
     from onnxadmm.export.shrink import removable_channels
 
     assert removable_channels(m)["wt"] is None
+
+
+def _per_channel_model(style: str):
+    """conv (3 -> 5, no bias) - per-channel arithmetic of ``style`` - relu - conv (no padding)."""
+    inits = {"w1": _f(5, 3, 3, 3), "w2": _f(2, 5, 3, 3), "b2": _f(2)}
+    inits["w1"][[1, 3]] = 0  # two filters pruned whole: their channels are constants
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4)]
+    if style == "paddle-bias":  # Constant [C] -> Reshape to [1, C, 1, 1] -> Add
+        nodes += [
+            helper.make_node("Constant", [], ["bias"], value=numpy_helper.from_array(_f(5), "bias")),
+            helper.make_node(
+                "Constant", [], ["target"], value=numpy_helper.from_array(np.array([1, 5, 1, 1], np.int64), "target")
+            ),
+            helper.make_node("Reshape", ["bias", "target"], ["b4"]),
+            helper.make_node("Add", ["a", "b4"], ["z"]),
+        ]
+    elif style == "unsqueeze-bias":  # [C] -> Unsqueeze to [C, 1, 1] -> Add with the bias first
+        inits.update(bias=_f(5), axes=np.array([1, 2], np.int64))
+        nodes += [helper.make_node("Unsqueeze", ["bias", "axes"], ["b3"]), helper.make_node("Add", ["b3", "a"], ["z"])]
+    elif style == "scale-shift":  # a decomposed BatchNormalization: Mul [1, C, 1, 1], Sub [C, 1, 1]
+        inits.update(scale=(1 + _f(1, 5, 1, 1, scale=0.1)), shift=_f(5, 1, 1))
+        nodes += [helper.make_node("Mul", ["a", "scale"], ["m"]), helper.make_node("Sub", ["shift", "m"], ["z"])]
+    elif style == "divide":
+        inits.update(d=(2 + np.abs(_f(1, 5, 1, 1))))
+        nodes += [helper.make_node("Div", ["a", "d"], ["z"])]
+    nodes += [helper.make_node("Relu", ["z"], ["r"]), helper.make_node("Conv", ["r", "w2", "b2"], ["y"])]
+    return _model(nodes, inits, ["N", 3, 6, 6], ["N", 2, 4, 4])
+
+
+@pytest.mark.parametrize("style", ["paddle-bias", "unsqueeze-bias", "scale-shift", "divide"])
+def test_per_channel_constants_are_sliced_with_their_channel(style):
+    """A channel-wise Add/Sub/Mul/Div by a per-channel constant (a PaddlePaddle conv bias reshaped to
+    [1, C, 1, 1], a decomposed BatchNormalization) goes with the channel; the constant a pruned
+    filter leaves passes through it and folds into the reader's bias."""
+    m = _per_channel_model(style)
+    res = shrink_channels(m)
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert res.removed == {"w1": 2}
+    after = _inits(res.model)
+    assert after["w1"].shape == (3, 3, 3, 3) and after["w2"].shape == (2, 3, 3, 3)
+    per_channel = {"paddle-bias": ["bias"], "unsqueeze-bias": ["bias"], "scale-shift": ["scale", "shift"], "divide": ["d"]}
+    assert all(after[k].size == 3 for k in per_channel[style])
+    onnx.checker.check_model(res.model)
+
+
+def test_shared_per_channel_constant_blocks():
+    """A per-channel constant that another node reads too cannot be sliced: the channels stay."""
+    m = _per_channel_model("divide")
+    m.graph.node.append(helper.make_node("Identity", ["d"], ["d_copy"]))
+    m.graph.output.append(helper.make_tensor_value_info("d_copy", TensorProto.FLOAT, [1, 5, 1, 1]))
+    res = shrink_channels(m)
+    assert res.removed == {} and "Div" in res.blocked["w1"]
+
+
+def test_residual_sum_of_layers_with_reshaped_biases():
+    """PaddlePaddle-style biases (Reshape of a [C] constant, Add) on both layers of a residual sum,
+    with symbolic spatial sizes: the bias Add is not a sum of branches, the two layers are grouped
+    through it, and a channel pruned in both goes from both."""
+    inits = {"w1": _f(4, 3, 3, 3), "w2": _f(4, 4, 3, 3), "w3": _f(2, 4, 3, 3), "target": np.array([1, 4, 1, 1], np.int64)}
+    b1, b2 = _f(4), _f(4)
+    inits["w1"][2], inits["w2"][2], b1[2] = 0, 0, 0.0
+    nodes = [
+        helper.make_node("Constant", [], ["b1"], value=numpy_helper.from_array(b1, "b1")),
+        helper.make_node("Constant", [], ["b2"], value=numpy_helper.from_array(b2, "b2")),
+        helper.make_node("Conv", ["x", "w1"], ["a1"], pads=[1] * 4),
+        helper.make_node("Reshape", ["b1", "target"], ["b1r"]),
+        helper.make_node("Add", ["a1", "b1r"], ["z1"]),
+        helper.make_node("Relu", ["z1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["a2"], pads=[1] * 4),
+        helper.make_node("Reshape", ["b2", "target"], ["b2r"]),
+        helper.make_node("Add", ["a2", "b2r"], ["z2"]),
+        helper.make_node("Add", ["r1", "z2"], ["s"]),
+        helper.make_node("Relu", ["s"], ["rs"]),
+        helper.make_node("Conv", ["rs", "w3"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, "H", "W"], ["N", 2, "H2", "W2"])
+    res = shrink_channels(m)
+    x = RNG.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert res.removed == {"w1": 1, "w2": 1}
+    after = _inits(res.model)
+    assert after["w2"].shape == (3, 3, 3, 3) and after["w3"].shape == (2, 3, 3, 3)
+    assert after["b1"].shape == after["b2"].shape == (3,)

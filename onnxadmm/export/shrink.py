@@ -281,10 +281,64 @@ class _Reader:
 
 
 @dataclass
+class _Operand:
+    """A per-channel constant of a channel-wise Add/Sub/Mul/Div: an initializer of shape (1, C, 1, ...)
+    or (C, 1, ...), or an initializer of C values reshaped (Reshape with a constant target, or
+    Unsqueeze) into that shape by a node that nothing else reads, as PaddlePaddle writes conv biases."""
+
+    init: str  # the initializer holding the C values
+    axis: int  # its channel axis
+    reshape: onnx.NodeProto | None = None  # the Reshape/Unsqueeze between it and the arithmetic
+    target_axis: int = 1  # the channel axis of the Reshape's output (and target)
+
+
+def _channel_operand(G: _Graph, n, t: str, total: int) -> tuple[np.ndarray, bool, _Operand] | None:
+    """For an Add/Sub/Mul/Div of ``t`` (NCHW-like, ``total`` channels on axis 1) and a per-channel
+    constant: (the C constants, whether ``t`` is the first input, how to slice them); else None."""
+    if n.op_type not in ("Add", "Sub", "Mul", "Div") or len(n.input) != 2 or list(n.input).count(t) != 1:
+        return None
+    first = n.input[0] == t
+    other = n.input[1] if first else n.input[0]
+    rank = len(G.shapes.get(t) or []) or None
+    src, reshape = other, None
+    p = G.producers.get(other)
+    if other not in G.values and p is not None and p.op_type in ("Reshape", "Unsqueeze"):
+        if len(G.consumers.get(other, [])) != 1 or other in G.outputs or not p.input or p.input[0] not in G.values:
+            return None
+        if any(i not in G.values for i in p.input[1:] if i):
+            return None
+        src, reshape = p.input[0], p
+        shape = G.shapes.get(other)
+        if not shape or any(not isinstance(d, int) for d in shape):
+            return None
+    elif other in G.values:
+        shape = list(G.values[other].shape)
+    else:
+        return None
+    if not G.own(src) or G.values[src].size != total:
+        return None
+    # the constant's shape must put its C values on t's channel axis (1) and broadcast elsewhere
+    if rank is not None and len(shape) > rank:
+        return None
+    full = [1] * ((rank or len(shape)) - len(shape)) + list(shape)
+    if len(full) < 2 or full[1] != total or any(d != 1 for i, d in enumerate(full) if i != 1):
+        return None
+    if reshape is None:
+        axis = len(shape) - len(full) + 1
+    else:
+        axis = int(np.flatnonzero(np.array(G.values[src].shape) == total)[0])
+        if G.values[src].ndim != 1 and any(d != 1 for i, d in enumerate(G.values[src].shape) if i != axis):
+            return None
+    k = G.values[src].astype(np.float64).reshape(-1)
+    return k, first, _Operand(src, axis, reshape, 1 - (len(full) - len(shape)))
+
+
+@dataclass
 class _Chain:
     readers: list = field(default_factory=list)
     bns: list = field(default_factory=list)  # (BatchNormalization / InstanceNormalization node, offset) to slice
     reshapes: list = field(default_factory=list)  # (Reshape node, channels) whose target names the features
+    operands: list = field(default_factory=list)  # (_Operand, offset): per-channel constants to slice
     depthwise: list = field(default_factory=list)  # (depthwise Conv node, offset) to slice
     tensors: list = field(default_factory=list)
 
@@ -337,6 +391,22 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
                 parts = [got[i][0] for i in range(len(n.input))]
                 with np.errstate(all="ignore"):
                     c = parts[0] - parts[1] if n.op_type == "Sub" else np.sum(parts, axis=0)
+                todo.append((n.output[0], c, flat, off, total, last))
+                continue
+            operand = None
+            if gate is None and layer.kind == "conv" and not flat and not last:
+                operand = _channel_operand(G, n, t, total)
+            if operand is not None:  # a per-channel constant (a bias, a scale): sliced with the channel
+                k, first, how = operand
+                k = k[off : off + c.size]
+                with np.errstate(all="ignore"):
+                    if n.op_type in ("Add", "Mul"):
+                        c = c + k if n.op_type == "Add" else c * k
+                    elif n.op_type == "Sub":
+                        c = c - k if first else k - c
+                    else:
+                        c = c / k if first else k / c
+                chain.operands.append((how, off))
                 todo.append((n.output[0], c, flat, off, total, last))
                 continue
             if n.input[0] != t and n.op_type != "Concat" and gate is None:
@@ -484,12 +554,23 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
     return chain if chain.readers else None
 
 
+def _constant(G: _Graph, name: str, depth: int = 4) -> bool:
+    """Whether a tensor is a constant: an initializer (or Constant node), or a Reshape, Unsqueeze,
+    Squeeze, Identity or Cast of constants (a bias reshaped for broadcasting)."""
+    if name in G.values:
+        return True
+    p = G.producers.get(name)
+    if depth == 0 or p is None or p.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast"):
+        return False
+    return all(_constant(G, i, depth - 1) for i in p.input if i)
+
+
 def _joins(G: _Graph, n) -> bool:
     """An Add, Sub or Sum of two or more computed tensors of one shape (a residual connection), as
     opposed to adding a constant."""
     if n.op_type not in ("Add", "Sub", "Sum") or len(n.input) < 2 or (n.op_type != "Sum" and len(n.input) != 2):
         return False
-    if any(i in G.values or not i for i in n.input):
+    if any(not i or _constant(G, i) for i in n.input):
         return False
     known = [sh for sh in (G.shapes.get(i) for i in n.input) if sh is not None]
 
@@ -530,6 +611,13 @@ def _sums(G: _Graph, layers: dict[str, _Layer], depthwise: bool = False) -> dict
         if _joins(G, n):
             for i in ins[1:]:
                 parent[root(i)] = root(ins[0])
+            label[n.output[0]] = ins[0]
+        elif (
+            n.op_type in ("Add", "Sub", "Mul", "Div")
+            and len(ins) == 1
+            and len(n.input) == 2
+            and any(_constant(G, i) for i in n.input)
+        ):  # arithmetic with a constant (a bias, a scale), whichever side the constant is on
             label[n.output[0]] = ins[0]
         elif n.input[0] in label and (
             _unary(n, G.values) is not None
@@ -777,6 +865,12 @@ def _apply(G: _Graph, layers: list[_Layer], chain: _Chain, dead: list[int], resu
         for attr in dw.attribute:
             if attr.name == "group":
                 attr.i -= len(dead)
+    for how, off in chain.operands:
+        arr = G.values[how.init]
+        rest = np.array([k for k in range(arr.shape[how.axis]) if k - off not in set(dead)], dtype=np.int64)
+        G.set(how.init, np.take(arr, rest, axis=how.axis))
+        if how.reshape is not None and how.reshape.op_type == "Reshape":
+            _retarget(G, how.reshape, how.target_axis, len(rest))
     for rs, channels in chain.reshapes:
         target = G.values[rs.input[1]].reshape(-1).copy()
         if target[1] != -1:
@@ -800,6 +894,22 @@ def _apply(G: _Graph, layers: list[_Layer], chain: _Chain, dead: list[int], resu
     G.g.value_info.extend(keep_vi)
     for layer in layers:
         result.removed[layer.weight] = result.removed.get(layer.weight, 0) + len(dead)
+
+
+def _retarget(G: _Graph, rs, axis: int, channels: int):
+    """Give a Reshape of a per-channel constant a target with ``channels`` on ``axis`` (a new
+    initializer: the old target may be shared)."""
+    old = rs.input[1]
+    target = G.values[old].reshape(-1).astype(np.int64).copy()
+    if target[axis] in (-1, 0):  # inferred, or copied from the input: nothing to change
+        return
+    target[axis] = channels
+    name = G.add_init(f"{old}_shrunk", target)
+    G.uses[old] -= 1
+    rs.input[1] = name
+    if G.uses[old] == 0 and old not in G.outputs and old in G.inits and old not in G.inputs:
+        G.g.initializer.remove(G.inits.pop(old))
+        G.values.pop(old)
 
 
 def _record(result: ShrinkResult, name: str, axis: int, idx: np.ndarray):
