@@ -911,3 +911,101 @@ def test_residual_sum_of_layers_with_reshaped_biases():
     after = _inits(res.model)
     assert after["w2"].shape == (3, 3, 3, 3) and after["w3"].shape == (2, 3, 3, 3)
     assert after["b1"].shape == after["b2"].shape == (3,)
+
+
+def _se_block(case: str):
+    """conv P (3 -> 6) - relu = t; squeeze-and-excitation: GlobalAveragePool(t) - conv S (6 -> 2) -
+    relu - conv E (2 -> 6) - sigmoid = g; t * g - conv R (no padding)."""
+    inits = {
+        "wp": _f(6, 3, 3, 3), "bp": _f(6), "ws": _f(2, 6, 1, 1), "bs": _f(2),
+        "we": _f(6, 2, 1, 1), "be": _f(6), "wr": _f(2, 6, 3, 3), "br": _f(2),
+    }  # fmt: skip
+    inits["wp"][4] = 0
+    if case == "both":  # coupled filter pruning: the same filter gone from P and E, biases kept
+        inits["we"][4] = 0
+        inits["bp"][4] = 0.3
+    else:  # P's filter and bias zero: t's channel is 0, whatever E's gate makes of it
+        inits["bp"][4] = 0.0
+    nodes = [
+        helper.make_node("Conv", ["x", "wp", "bp"], ["p"], pads=[1] * 4),
+        helper.make_node("Relu", ["p"], ["t"]),
+        helper.make_node("GlobalAveragePool", ["t"], ["pool"]),
+        helper.make_node("Conv", ["pool", "ws", "bs"], ["s"]),
+        helper.make_node("Relu", ["s"], ["rs"]),
+        helper.make_node("Conv", ["rs", "we", "be"], ["e"]),
+        helper.make_node("Sigmoid", ["e"], ["g"]),
+        helper.make_node("Mul", ["t", "g"], ["m"]),
+        helper.make_node("Conv", ["m", "wr", "br"], ["y"]),
+    ]
+    return _model(nodes, inits, ["N", 3, 6, 6], ["N", 2, 4, 4])
+
+
+@pytest.mark.parametrize("case", ["both", "feature-zero"])
+def test_squeeze_excitation_product_loses_channels_on_both_sides(case):
+    """t * gate(t): channel c of the product is t_c * g_c, so the layer making t and the one making
+    the gates (E) are one group; a channel goes from both when the product is constant there."""
+    from onnxadmm.export.shrink import coupled_layers, removable_channels
+
+    m = _se_block(case)
+    assert ["wp", "we"] in [sorted(g, reverse=True) for g in coupled_layers(m)]
+    assert removable_channels(m)["wp"] is None and removable_channels(m)["we"] is None
+    res = shrink_channels(m)
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert res.removed == {"wp": 1, "we": 1}
+    after = _inits(res.model)
+    assert after["wp"].shape[0] == after["we"].shape[0] == after["ws"].shape[1] == after["wr"].shape[1] == 5
+
+
+def test_product_with_an_unpruned_gate_keeps_a_nonzero_channel():
+    """Only P's filter pruned, with a nonzero bias: the product t_c * g_c still varies (the gate
+    does), so the channel stays in both layers."""
+    m = _se_block("feature-zero")
+    inits = {t.name: t for t in m.graph.initializer}
+    bp = numpy_helper.to_array(inits["bp"]).copy()
+    bp[4] = 0.3
+    inits["bp"].CopyFrom(numpy_helper.from_array(bp, "bp"))
+    res = shrink_channels(m)
+    assert "wp" not in res.removed and "we" not in res.removed
+
+
+@pytest.mark.parametrize("op", ["Resize", "Upsample"])
+def test_feature_pyramid_sum_through_an_upsample(op):
+    """A top-down feature pyramid: coarse features upsampled (Resize / Upsample with scales 1, 1, 2, 2)
+    and added to a lateral layer's: the two layers are one group, and a channel pruned in both goes
+    (a constant channel stays constant through the interpolation)."""
+    inits = {
+        "wa": _f(4, 3, 3, 3), "ba": _f(4), "wb": _f(4, 3, 1, 1), "bb": _f(4), "wr": _f(2, 4, 3, 3),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }  # fmt: skip
+    inits["wa"][1], inits["wb"][1] = 0, 0
+    up = (
+        helper.make_node("Resize", ["a", "", "scales"], ["u"], mode="linear")
+        if op == "Resize"
+        else helper.make_node("Upsample", ["a", "scales"], ["u"], mode="nearest")
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1] * 4, strides=[2, 2]),
+        up,
+        helper.make_node("Conv", ["x", "wb", "bb"], ["b"]),
+        helper.make_node("Add", ["u", "b"], ["s"]),
+        helper.make_node("Conv", ["s", "wr"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 6, 6], opset=13 if op == "Resize" else 9)
+    res = shrink_channels(m)
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-4, atol=1e-4)
+    assert res.removed == {"wa": 1, "wb": 1} and _inits(res.model)["wr"].shape == (2, 3, 3, 3)
+
+
+def test_resize_that_scales_the_channels_is_not_followed():
+    inits = {"wa": _f(4, 3, 3, 3), "wr": _f(2, 8, 3, 3), "scales": np.array([1, 2, 1, 1], np.float32)}
+    inits["wa"][1] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1] * 4),
+        helper.make_node("Resize", ["a", "", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Conv", ["u", "wr"], ["y"]),
+    ]
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 6, 6])
+    res = shrink_channels(m)
+    assert res.removed == {} and "Resize" in res.blocked["wa"]

@@ -111,6 +111,27 @@ def _unary(node, consts) -> callable | None:
     return None
 
 
+def _spatial_resize(G: _Graph, n) -> bool:
+    """A Resize/Upsample that scales only the axes after the channels (constant scales of 1 on the
+    batch and channel axes); one given output sizes would name the channel count: not followed."""
+    a = _attrs(n)
+    if n.op_type == "Upsample" and "scales" in a:  # opset 7: an attribute
+        scales = np.asarray(a["scales"], dtype=np.float64)
+    else:
+        idx = 1 if n.op_type == "Upsample" else 2  # Resize: X, roi, scales, sizes
+        if len(n.input) <= idx or not n.input[idx] or n.input[idx] not in G.values:
+            return False
+        if n.op_type == "Resize" and len(n.input) > 3 and n.input[3]:
+            return False
+        scales = G.values[n.input[idx]].astype(np.float64).reshape(-1)
+    if "axes" in a:  # Resize-18: scales for the listed axes only (negative ones: rank unknown here)
+        axes = list(a["axes"])
+        if len(axes) != len(scales) or any(ax < 0 for ax in axes):
+            return False
+        return all(s == 1 for ax, s in zip(axes, scales) if ax in (0, 1))
+    return scales.size >= 3 and scales[0] == 1 and scales[1] == 1
+
+
 def _padded(attrs: dict) -> bool:
     """Whether a Conv or pooling node pads its input (explicit pads, or SAME auto-padding)."""
     return any(attrs.get("pads", [])) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
@@ -379,7 +400,7 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
             gate = _gate(G, n, t)
             if gate == "inner":
                 continue  # the f(t) of a t * f(t) (SiLU, HardSwish): followed at the Mul
-            if _joins(G, n):  # a sum of branches: wait for every input, then go on with the sum
+            if gate is None and _joins(G, n):  # a sum of branches: wait for every input, then go on
                 got = pending.setdefault(id(n), {})
                 got[list(n.input).index(t)] = (c, flat, off, total, last)
                 if len(got) < len(n.input):
@@ -390,7 +411,10 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
                     return None
                 parts = [got[i][0] for i in range(len(n.input))]
                 with np.errstate(all="ignore"):
-                    c = parts[0] - parts[1] if n.op_type == "Sub" else np.sum(parts, axis=0)
+                    if n.op_type == "Mul":  # a 0 channel stays 0 whatever the other side
+                        c = np.where((parts[0] == 0) | (parts[1] == 0), 0.0, parts[0] * parts[1])
+                    else:
+                        c = parts[0] - parts[1] if n.op_type == "Sub" else np.sum(parts, axis=0)
                 todo.append((n.output[0], c, flat, off, total, last))
                 continue
             operand = None
@@ -422,6 +446,11 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
             elif f is not None:
                 with np.errstate(all="ignore"):
                     todo.append((n.output[0], f(c.copy()), flat, off, total, last))
+            elif op in ("Resize", "Upsample") and layer.kind == "conv" and not flat and not last:
+                if not _spatial_resize(G, n):
+                    return None
+                # interpolating a constant channel gives the constant (the weights sum to 1)
+                todo.append((n.output[0], c, flat, off, total, last))
             elif op == "Crop" and layer.kind == "conv" and not flat and not last:
                 todo.append((n.output[0], c, flat, off, total, last))  # (experimental op 1: a spatial crop)
             elif op in POOLS and layer.kind == "conv" and not flat and not last:
@@ -566,17 +595,26 @@ def _constant(G: _Graph, name: str, depth: int = 4) -> bool:
 
 
 def _joins(G: _Graph, n) -> bool:
-    """An Add, Sub or Sum of two or more computed tensors of one shape (a residual connection), as
-    opposed to adding a constant."""
-    if n.op_type not in ("Add", "Sub", "Sum") or len(n.input) < 2 or (n.op_type != "Sum" and len(n.input) != 2):
+    """An Add, Sub or Sum of two or more computed tensors of one shape (a residual connection), or a
+    Mul of two whose channels line up (squeeze-and-excitation: a feature map times per-channel gates
+    computed from it, broadcast over the positions), as opposed to arithmetic with a constant."""
+    if n.op_type not in ("Add", "Sub", "Sum", "Mul") or len(n.input) < 2 or (n.op_type != "Sum" and len(n.input) != 2):
         return False
-    if any(not i or _constant(G, i) for i in n.input):
+    if any(not i or _constant(G, i) for i in n.input) or len(set(n.input)) != len(n.input):
         return False
     known = [sh for sh in (G.shapes.get(i) for i in n.input) if sh is not None]
 
-    def same(a, b):  # symbolic or unknown dims match anything
-        return len(a) == len(b) and all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b))
+    def fits(x, y, broadcast):  # symbolic or unknown dims match anything
+        return x == y or not isinstance(x, int) or not isinstance(y, int) or (broadcast and 1 in (x, y))
 
+    def same(a, b):
+        if len(a) != len(b):
+            return False
+        # a product may broadcast over every axis but the batch and the channels (axis 1)
+        return all(fits(x, y, n.op_type == "Mul" and i > 1) for i, (x, y) in enumerate(zip(a, b)))
+
+    if n.op_type == "Mul" and len(known) < 2:
+        return False  # a product of tensors of unknown shapes may not line their channels up
     return all(same(sh, known[0]) for sh in known)
 
 
@@ -622,6 +660,7 @@ def _sums(G: _Graph, layers: dict[str, _Layer], depthwise: bool = False) -> dict
         elif n.input[0] in label and (
             _unary(n, G.values) is not None
             or n.op_type in POOLS | {"BatchNormalization", "InstanceNormalization", "Pad", "Transpose", "Mul", "Crop"}
+            or (n.op_type in ("Resize", "Upsample") and _spatial_resize(G, n))
             or (n.op_type == "Conv" and _attrs(n).get("group", 1) > 1)
         ):
             label[n.output[0]] = label[n.input[0]]
