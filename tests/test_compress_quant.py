@@ -273,3 +273,26 @@ def test_auto_format_keeps_a_tiny_quantized_layer_plain():
     assert _encodings("auto", grids, {"w": w}, proto) == {}
     enc = _encodings("codebook", grids, {"w": w}, proto)["w"]
     assert enc.levels == len(np.unique(w)) and enc.stored == 36  # unused levels compacted away
+
+
+def test_int8_file_holds_the_trained_biases_and_weights(tmp_path):
+    """--format int8 writes what training made: the int8 weights are the trained 8-bit grid and the
+    int32 biases dequantize to the trained biases (the same run written as float is the reference)."""
+    dense = tmp_path / "f.onnx"
+    compress(MODEL, dense, "digits", quiet=True, bits=8, fmt="dense", **FAST)
+    int8 = tmp_path / "i8.onnx"
+    rep = compress(MODEL, int8, "digits", quiet=True, bits=8, fmt="int8", **FAST)
+    assert rep["format"]["int8"]["float_weights"] == []
+    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dense)).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(MODEL)).graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(int8)).graph.initializer}
+    moved = []
+    for w in WEIGHTS:
+        q = got[f"{w}_quantized"].astype(np.float64) * got[f"{w}_scale"]
+        np.testing.assert_allclose(q, want[w], rtol=0, atol=1e-6 * np.abs(want[w]).max())
+        b = w.replace("weight", "bias")
+        step = float(got[f"{b}_quantized_scale"].reshape(-1)[0])
+        deq = got[f"{b}_quantized"].astype(np.float64) * step
+        assert np.abs(deq - want[b]).max() <= step  # the trained bias, to one int32 step
+        moved.append(np.abs(want[b] - original[b]).max() / step)
+    assert max(moved) > 3  # training moved the biases by more than the tolerance above

@@ -354,7 +354,7 @@ def compress(
     original_bytes = file_bytes(in_path)
     int8_info = None
     if fmt == "int8":
-        int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work)
+        int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work, log)
     elif not encodings:
         export_onnx(proto, state, out_path, sparse=sparse, force=force)
     else:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
@@ -790,27 +790,42 @@ def _compact_sparse(
     return out
 
 
-def _write_int8(proto, state, grids, out_path: Path, train: Dataset, input_names, work: Path) -> dict:
+def _write_int8(proto, state, grids, out_path: Path, train: Dataset, input_names, work: Path, log) -> dict:
     """int8 weights and activations with integer kernels (QDQ), the trained 8-bit grid kept exactly."""
-    from ..export.int8 import export_int8
+    from ..export.int8 import export_int8, integer_kernel_weights
+    from ..export.writer import with_weights
 
     bad = [n for n, g in grids.items() if g.kind != "uniform" or g.codebook.shape[1] > 255]
     if not grids or bad or any(g.bits != 8 for g in grids.values()):
         raise ConfigError(
             "--format int8 needs every compressed layer quantized with --bits 8 (and no --edge-bits)"
         )
-    weights = {n: np.asarray(state[n], dtype=np.float32) for n in grids}
+    # every trained tensor (biases, normalisation, layers integer kernels cannot take) as trained
+    proto = with_weights(proto, state)
+    kernels = integer_kernel_weights(proto, list(grids))
+    if not kernels:
+        raise ConfigError(
+            "--format int8: no quantized weight feeds a Conv/Gemm/MatMul weight input, so integer "
+            "kernels have nothing to run; use --format auto"
+        )
+    others = sorted(set(grids) - set(kernels))
+    if others:
+        log(f"int8: {len(others)} weight(s) outside Conv/Gemm/MatMul kept as float32 on their 8-bit grid: "
+            + ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))  # fmt: skip
+    weights = {n: np.asarray(state[n], dtype=np.float32) for n in kernels}
     scales = {
         n: (float(g.step.reshape(-1)[0]) if g.group_axis is None else g.step.detach().cpu().numpy())
         for n, g in grids.items()
+        if n in weights
     }
-    axes = {n: g.group_axis for n, g in grids.items() if g.group_axis is not None}
+    axes = {n: g.group_axis for n, g in grids.items() if g.group_axis is not None and n in weights}
     idx = np.random.default_rng(0).permutation(len(train))[: min(len(train), 512)]
     calibration = {n: train.inputs[n][np.sort(idx)] for n in input_names}
     tmp = work / "int8.onnx"
     info = export_int8(proto, weights, scales, tmp, calibration, fmt="qdq", axes=axes or None)
     save_model(load_model(tmp), out_path)
     info["path"] = str(out_path)
+    info["float_weights"] = others
     return info
 
 

@@ -75,6 +75,7 @@ from onnx import numpy_helper
 from ..errors import OnnxAdmmError
 
 __all__ = [
+    "integer_kernel_weights",
     "INTEGER_KERNELS",
     "Int8ExactnessError",
     "Int8ExportError",
@@ -217,6 +218,19 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, i
             if name:
                 out.setdefault(name, []).append((node, i))
     return out
+
+
+def integer_kernel_weights(model: onnx.ModelProto, names) -> list[str]:
+    """Those of ``names`` that integer kernels can take: initializers that feed input 1 of
+    Conv/Gemm/MatMul nodes and nothing else (a recurrent layer's matrices, a Gemm's first input or a
+    weight read by other ops stay float)."""
+    consumers = _consumers(model.graph)
+    inits = {t.name for t in model.graph.initializer}
+    return [
+        n
+        for n in names
+        if n in inits and consumers.get(n) and all(c.op_type in WEIGHT_OPS and i == 1 for c, i in consumers[n])
+    ]
 
 
 def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int:

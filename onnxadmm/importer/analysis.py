@@ -31,6 +31,11 @@ WEIGHT_INPUTS: dict[str, dict[int, str]] = {
     "BatchNormalization": {1: "scale", 2: "bias"},
     "InstanceNormalization": {1: "scale", 2: "bias"},
     "LayerNormalization": {1: "scale", 2: "bias"},
+    # recurrent layers: input and recurrence weights W, R (no channel axes: pruned and quantized weight
+    # by weight), biases B and LSTM peepholes P trained but not compressed
+    "RNN": {1: "weight", 2: "weight", 3: "bias"},
+    "GRU": {1: "weight", 2: "weight", 3: "bias"},
+    "LSTM": {1: "weight", 2: "weight", 3: "bias", 7: "bias"},
 }
 PASS_THROUGH = {"Identity", "Cast"}
 # Ops through which no gradient flows: an output reached only through them is not trainable.

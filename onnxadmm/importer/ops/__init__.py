@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     linear,
     norm,
     pool,
+    recurrent,
     reduce,
     resize,
     shape,
