@@ -204,6 +204,25 @@ def test_structured_pruning_of_real_mnist_models(models_dir, mnist, tmp_path, na
         assert by["W2"]["shape_after"][0] < 4 and by["W1"]["shape_after"][0] < 196, by
 
 
+def test_filter_pruning_of_a_paddle_text_detector(models_dir, tmp_path):
+    """PP-OCRv3's text detector (PaddlePaddle: conv biases as Reshape + Add, squeeze-and-excitation
+    products, a feature pyramid of Resize + Add, ConvTranspose head): filter pruning cuts channels out
+    of almost every layer, and the smaller model passes the onnxruntime check. Random 64x64 images,
+    distillation only, tiny training: plumbing, not accuracy."""
+    path = models_dir / "utools-blowsnow+ocr-web/ch_PP-OCRv3_det_infer.onnx"
+    name = input_specs_of(load_model(path))[0].name
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    out = tmp_path / "det.onnx"
+    logs: list[str] = []
+    cfg = dict(FAST, batch_size=4, max_batches_per_epoch=1, admm_iterations=1)
+    rep = compress(path, out, {name: x}, val_data={name: x[:4]}, rate="2x", structure="filter", log=logs.append, **cfg)
+    assert rep["shrunk"]["checked"], logs
+    assert len(rep["shrunk"]["channels_removed"]) >= 50  # of 74 layers; 42 before SE/Resize/bias support
+    assert not rep["shrunk"]["kept_whole"], rep["shrunk"]["kept_whole"]
+    kinds = {n.input[1]: n.op_type for n in load_model(path).graph.node if n.op_type in ("Conv", "ConvTranspose")}
+    assert "ConvTranspose" in {kinds.get(w) for w in rep["shrunk"]["channels_removed"]}
+
+
 @pytest.fixture(scope="module")
 def dead_channel_runs(tmp_path_factory):
     """Unstructured pruning with conv2 pruned 300x: most of its filters lose every weight, and fc1
