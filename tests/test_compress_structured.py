@@ -365,3 +365,20 @@ def test_filter_pruning_removes_depthwise_filters_with_their_input_channels(tmp_
     m = onnx.load(str(tmp_path / "out.onnx"))
     dw = next(n for n in m.graph.node if n.op_type == "Conv" and n.input[1] == "w1")
     assert next(a.i for a in dw.attribute if a.name == "group") == w["w1"].shape[0]
+
+
+def test_channel_pruning_of_a_residual_stream_removes_its_channels(tmp_path):
+    """The stream (stem + block output) is read by the block's first conv and, after the pool, by
+    the head: channel pruning drops the same input channels in both readers, so the stream's
+    channels leave both producers too, checked in onnxruntime."""
+    from onnxadmm.export.shrink import coupled_readers
+
+    src = tmp_path / "resnet.onnx"
+    _residual_digits(src)
+    assert sorted(map(sorted, coupled_readers(load_model(src)))) == [["w1", "wf"]]
+    logs: list[str] = []
+    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="channel", log=logs.append, **FAST)
+    assert any("1 group(s) of layers reading the same channels" in s for s in logs), logs
+    assert rep["shrunk"]["checked"]
+    w = onnx_weights(tmp_path / "out.onnx")
+    assert w["w0"].shape[0] == w["w2"].shape[0] == w["w1"].shape[1] == w["wf"].shape[1] < 16

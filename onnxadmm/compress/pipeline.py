@@ -476,7 +476,7 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
     which keep the same filters. Filter pruning leaves the last
     layers (the classifier heads, whose outputs are the classes) to unstructured pruning; excluded
     layers stay dense either way."""
-    from ..export.shrink import channel_blocks, coupled_layers
+    from ..export.shrink import channel_blocks, coupled_layers, coupled_readers
     from .pruning import group_dims
 
     if cfg.structure == "none":
@@ -515,6 +515,19 @@ def _structure(cfg: CompressConfig, proto, weights, log) -> tuple[dict, dict, di
             log(
                 f"filter pruning: {len(couples)} group(s) of layers tied by residual sums or depthwise "
                 f"convolutions keep the same filters ({sum(map(len, couples))} layers)"
+            )
+    elif cfg.structure == "channel":
+        # the readers of one tensor or residual stream, all channel-pruned on their own input axis:
+        # they drop the same channels, so that the channels leave the producers too
+        ins = {w.name: w.shape[w.in_axis] for w in weights if w.in_axis is not None}
+        couples = [
+            c for c in coupled_readers(proto)
+            if all(n in groups and n not in views and n in ins for n in c) and len({ins[n] for n in c}) == 1
+        ]  # fmt: skip
+        if couples:
+            log(
+                f"channel pruning: {len(couples)} group(s) of layers reading the same channels drop the "
+                f"same ones ({sum(map(len, couples))} layers)"
             )
     return groups, biases, views, couples
 

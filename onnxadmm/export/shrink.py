@@ -41,7 +41,7 @@ from onnx import numpy_helper
 
 from ..importer.analysis import _producers, topo_sort
 
-__all__ = ["shrink_channels", "ShrinkResult", "coupled_layers"]
+__all__ = ["shrink_channels", "ShrinkResult", "coupled_layers", "coupled_readers"]
 
 
 @dataclass
@@ -1076,6 +1076,35 @@ def coupled_layers(model: onnx.ModelProto) -> list[list[str]]:
         if len(group) > 1 and name not in seen:
             out.append(list(group))
             seen.update(group)
+    return out
+
+
+def coupled_readers(model: onnx.ModelProto) -> list[list[str]]:
+    """Groups of two or more weights that read the same channels one to one: the layers reading a
+    layer's output, or any tensor of a residual stream (through activations, pooling, the sums). A
+    channel leaves the file only when every reader gives it no weight, so channel pruning must
+    remove the same input channels from all of them. Readers of a slice (after a Concat) or of a
+    flattened block of features are left out."""
+    G = _read_only_graph(model)
+    layers = _layers(G)
+    sums = _sums(G, layers, depthwise=True)
+    out, seen = [], set()
+    for name in layers:
+        if name in seen:
+            continue
+        seen.update(sums[name])
+        group = [layers[x] for x in sums[name] if x in layers]
+        n_ch = G.values[group[0].weight].shape[group[0].out_axis]
+        chain = _walk(G, group, [np.full(n_ch, np.nan)] * len(group))
+        if chain is None:
+            continue
+        readers = []
+        for r in chain.readers:
+            W = G.values[r.weight]
+            if r.block == 1 and r.offset == 0 and W.shape[r.in_axis] == n_ch and r.weight not in readers:
+                readers.append(r.weight)
+        if len(readers) > 1:
+            out.append(readers)
     return out
 
 
