@@ -104,3 +104,12 @@ def test_int8_keeps_recurrent_weights_float(recurrent_model, tmp_path):
     y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert y.shape == (4, 10) and np.isfinite(y).all()
     assert rep["accuracy"]["compressed"] is not None
+
+
+def test_inspect_lists_the_recurrent_matrices(recurrent_model):
+    from onnxadmm.validate.inspect import describe
+
+    kind, path = recurrent_model
+    layers = [x for x in describe(load_model(path))["layers"] if x["op"] == kind]
+    assert len(layers) == 2  # W and R
+    assert all(x["channels_kept_by"] == "a recurrent layer (pruned weight by weight)" for x in layers)

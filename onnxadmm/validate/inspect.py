@@ -44,7 +44,12 @@ def describe(path) -> dict:
             "params": w.params,
             "dtype": onnx.TensorProto.DataType.Name(w.dtype),
             # structured pruning: can its output channels leave the file? (None: yes; else what keeps them)
-            "channels_kept_by": channels.get(w.name, "not the weight operand of its layer"),
+            "channels_kept_by": channels.get(
+                w.name,
+                "a recurrent layer (pruned weight by weight)"
+                if w.op_type in ("RNN", "GRU", "LSTM")
+                else "not the weight operand of its layer",
+            ),
             # layers whose channels go together (residual sums, depthwise convolutions with their
             # feeders): filter pruning keeps the same filters in every layer of a group
             "tied_group": tied.get(w.name),
