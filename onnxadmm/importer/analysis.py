@@ -36,6 +36,11 @@ WEIGHT_INPUTS: dict[str, dict[int, str]] = {
     "RNN": {1: "weight", 2: "weight", 3: "bias"},
     "GRU": {1: "weight", 2: "weight", 3: "bias"},
     "LSTM": {1: "weight", 2: "weight", 3: "bias", 7: "bias"},
+    # onnxruntime's fused ops (com.microsoft; the last also in the default domain)
+    "FusedMatMul": {0: "weight", 1: "weight"},
+    "SkipLayerNormalization": {2: "scale", 3: "bias", 4: "bias"},
+    "SkipSimplifiedLayerNormalization": {2: "scale", 3: "bias"},
+    "SimplifiedLayerNormalization": {1: "scale"},
 }
 PASS_THROUGH = {"Identity", "Cast"}
 # Ops through which no gradient flows: an output reached only through them is not trainable.
@@ -270,7 +275,7 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
         found[src] = WeightInfo(src, op, node.name or node.output[0], role, shape, dtype, out_axis, in_axis)
 
     for node in nodes:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx", "com.microsoft"):
             continue
         slots = WEIGHT_INPUTS.get(node.op_type)
         if slots:
@@ -279,7 +284,7 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
                 for i in slots
                 if i < len(node.input) and node.input[i]
             }
-            if node.op_type == "MatMul" and srcs.get(0) and srcs.get(1):
+            if node.op_type in ("MatMul", "FusedMatMul") and srcs.get(0) and srcs.get(1):
                 srcs.pop(0)  # both constant: the right operand is the weight
             if node.op_type == "Gemm" and srcs.get(0) and srcs.get(1):
                 srcs.pop(0)
@@ -290,7 +295,7 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
             for k in (0, 1):
                 other = producers.get(node.input[1 - k])
                 src = resolve_source(node.input[k], producers, consts)
-                if src is not None and other is not None and other.op_type in ("MatMul", "Conv", "Gemm"):
+                if src is not None and other is not None and other.op_type in ("MatMul", "FusedMatMul", "Conv", "Gemm"):
                     if resolve_source(node.input[1 - k], producers, consts) is None:
                         add(src, other.op_type, node, "bias", k)
     # a tensor also used as a weight elsewhere keeps its weight role
