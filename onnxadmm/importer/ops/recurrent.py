@@ -89,7 +89,6 @@ def _recurrent(kind: str):
     gates = _GATES[kind]
 
     def factory(node: NodeContext):
-        hidden = int(node.attr("hidden_size"))
         direction = node.attr("direction", "forward")
         if direction not in ("forward", "reverse", "bidirectional"):
             raise NotImplementedError(f"direction {direction!r}")
@@ -140,6 +139,7 @@ def _recurrent(kind: str):
             if layout:
                 x = x.transpose(0, 1)
             steps, batch = x.shape[0], x.shape[1]
+            hidden = r.shape[-1]  # (hidden_size, which R's shape repeats)
             dtype = x.dtype
             if b is None:
                 b = torch.zeros(n_dir, 2 * gates * hidden, dtype=dtype, device=x.device)
