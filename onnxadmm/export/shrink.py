@@ -251,22 +251,16 @@ def _producer(G: _Graph, node) -> _Layer | None:
         return None
     W = G.values[w]
     a = _attrs(node)
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
+        # Conv weight (out, in, ...); ConvTranspose (in, out, ...): output channel c is its column c,
+        # and with no weight there its output is the bias everywhere (nothing overlaps)
+        out_axis = 0 if op == "Conv" else 1
         if a.get("group", 1) != 1 or W.ndim < 3:
             return None
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[0],)):
+        if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[out_axis],)):
             return None
-        return _Layer(node, "conv", w, 0, 1, bias, node.output[0])
-    if op == "ConvTranspose":
-        # weight (in, out, ...): output channel c is column c; with no weight there, its output is
-        # the bias everywhere (nothing overlaps), so a zero column is a constant channel
-        if a.get("group", 1) != 1 or W.ndim < 3:
-            return None
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None and not (G.own(bias) and G.values[bias].shape == (W.shape[1],)):
-            return None
-        return _Layer(node, "conv", w, 1, 0, bias, node.output[0])
+        return _Layer(node, "conv", w, out_axis, 1 - out_axis, bias, node.output[0])
     if op == "Gemm" and W.ndim == 2 and not a.get("transA", 0):
         out_axis = 0 if a.get("transB", 0) else 1
         n_out = W.shape[out_axis]
