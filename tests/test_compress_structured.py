@@ -335,17 +335,23 @@ def _residual_digits(path, depthwise: bool = False):
     onnx.save(m, str(path))
 
 
+def _compress_toy(tmp_path, structure: str, depthwise: bool = False):
+    """The toy ResNet (or MobileNet block) of ``_residual_digits`` compressed 3x with ``structure``:
+    (report, log lines, written weights); the smaller model passed the onnxruntime check."""
+    src = tmp_path / "toy.onnx"
+    _residual_digits(src, depthwise=depthwise)
+    logs: list[str] = []
+    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure=structure, log=logs.append, **FAST)
+    assert rep["shrunk"]["checked"]
+    return rep, logs, onnx_weights(tmp_path / "out.onnx")
+
+
 def test_filter_pruning_of_a_residual_stream_removes_its_channels(tmp_path):
     """The stem and the block's last conv are summed: filter pruning keeps the same filters in both,
     so the stream's channels leave the file (both producers, the block's first conv, BN, the head),
     checked in onnxruntime against the unshrunk model."""
-    src = tmp_path / "resnet.onnx"
-    _residual_digits(src)
-    logs: list[str] = []
-    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="filter", log=logs.append, **FAST)
+    rep, logs, w = _compress_toy(tmp_path, "filter")
     assert any("1 group(s) of layers tied by residual sums" in s for s in logs), logs
-    assert rep["shrunk"]["checked"]
-    w = onnx_weights(tmp_path / "out.onnx")
     assert w["w0"].shape[0] == w["w2"].shape[0] == w["w1"].shape[1] == w["wf"].shape[1] < 16
     assert rep["pruning_rate"] == pytest.approx(3.0, rel=0.2)
 
@@ -354,13 +360,8 @@ def test_filter_pruning_removes_depthwise_filters_with_their_input_channels(tmp_
     """A depthwise conv's filter c reads its producer's channel c only: filter pruning prunes the
     two together, so channel c leaves the producer, the depthwise conv (and its BN) and the 1x1
     reader."""
-    src = tmp_path / "mobile.onnx"
-    _residual_digits(src, depthwise=True)
-    logs: list[str] = []
-    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="filter", log=logs.append, **FAST)
+    rep, logs, w = _compress_toy(tmp_path, "filter", depthwise=True)
     assert any("1 group(s) of layers" in s for s in logs), logs
-    assert rep["shrunk"]["checked"]
-    w = onnx_weights(tmp_path / "out.onnx")
     assert w["w0"].shape[0] == w["w1"].shape[0] == w["w2"].shape[1] < 16
     m = onnx.load(str(tmp_path / "out.onnx"))
     dw = next(n for n in m.graph.node if n.op_type == "Conv" and n.input[1] == "w1")
@@ -373,12 +374,7 @@ def test_channel_pruning_of_a_residual_stream_removes_its_channels(tmp_path):
     channels leave both producers too, checked in onnxruntime."""
     from onnxadmm.export.shrink import coupled_readers
 
-    src = tmp_path / "resnet.onnx"
-    _residual_digits(src)
-    assert sorted(map(sorted, coupled_readers(load_model(src)))) == [["w1", "wf"]]
-    logs: list[str] = []
-    rep = compress(src, tmp_path / "out.onnx", "digits", rate="3x", structure="channel", log=logs.append, **FAST)
+    rep, logs, w = _compress_toy(tmp_path, "channel")
+    assert sorted(map(sorted, coupled_readers(load_model(tmp_path / "toy.onnx")))) == [["w1", "wf"]]
     assert any("1 group(s) of layers reading the same channels" in s for s in logs), logs
-    assert rep["shrunk"]["checked"]
-    w = onnx_weights(tmp_path / "out.onnx")
     assert w["w0"].shape[0] == w["w2"].shape[0] == w["w1"].shape[1] == w["wf"].shape[1] < 16
