@@ -85,6 +85,10 @@ def _activations(node: NodeContext, kind: str, n_dir: int) -> list[list]:
     return [fns[d * per_dir : (d + 1) * per_dir] for d in range(n_dir)]
 
 
+def _clipped(fn, clip: float):
+    return lambda v: fn(torch.clamp(v, -clip, clip))
+
+
 def _recurrent(kind: str):
     gates = _GATES[kind]
 
@@ -96,23 +100,15 @@ def _recurrent(kind: str):
         layout = int(node.attr("layout", 0))
         clip = node.attr("clip")
         acts = _activations(node, kind, n_dir)
+        if clip is not None:  # f and g see their pre-activations clipped (h, LSTM's output one, not)
+            acts = [[_clipped(fn, clip) if k < 2 else fn for k, fn in enumerate(fs)] for fs in acts]
         before_reset = bool(node.attr("linear_before_reset", 0))
         input_forget = bool(node.attr("input_forget", 0))
 
         def cell(d: int, xw, h, c, r, rb, p):
             """One step of direction ``d``: (new h, new c); ``xw`` holds X W^T + Wb."""
             f = acts[d][0]
-            if clip is not None:
-
-                def f(v, _f=acts[d][0]):  # noqa: E306 - the pre-activation is clipped first
-                    return _f(torch.clamp(v, -clip, clip))
-
             g = acts[d][1] if len(acts[d]) > 1 else None
-            if clip is not None and g is not None:
-
-                def g(v, _g=acts[d][1]):  # noqa: E306
-                    return _g(torch.clamp(v, -clip, clip))
-
             if kind == "RNN":
                 return f(xw + h @ r.T + rb), None
             if kind == "GRU":
