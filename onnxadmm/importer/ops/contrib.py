@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import NodeContext, register
+from .norm import layer_norm
 
 MS = "com.microsoft"
 
@@ -117,25 +118,21 @@ register("SkipLayerNormalization", domain=MS)(_skip_norm(False))
 register("SkipSimplifiedLayerNormalization", domain=MS)(_skip_norm(True))
 
 
-def _layer_norm(simplified: bool):
-    def factory(node: NodeContext):
-        """onnxruntime's LayerNormalization / SimplifiedLayerNormalization (default domain, any
-        opset): over the axes from ``axis``; outputs the result, mean (not for the simplified one)
-        and inverse standard deviation."""
-        axis = node.attr("axis", -1)
-        eps = node.attr("epsilon", 1e-5)
+def simplified_layer_norm(node: NodeContext):
+    """onnxruntime's SimplifiedLayerNormalization (RMS normalization, default domain at any opset, or
+    com.microsoft) over the axes from ``axis``: the result and the inverse standard deviation."""
+    axis = node.attr("axis", -1)
+    eps = node.attr("epsilon", 1e-5)
 
-        def run(x, scale, bias=None):
-            y, mean, inv = _normalize(x, scale, bias, eps, simplified, axis)
-            return (y, inv) if simplified else (y, mean, inv)
+    def run(x, scale, bias=None):
+        y, _, inv = _normalize(x, scale, bias, eps, True, axis)
+        return y, inv
 
-        return run
-
-    return factory
+    return run
 
 
-register("SimplifiedLayerNormalization", since=1)(_layer_norm(True))
-register("LayerNormalization", since=1)(_layer_norm(False))  # LayerNormalization-17 replaces it from 17
-for _domain in (MS,):
-    register("SimplifiedLayerNormalization", domain=_domain)(_layer_norm(True))
-    register("LayerNormalization", domain=_domain)(_layer_norm(False))
+register("SimplifiedLayerNormalization", since=1)(simplified_layer_norm)
+register("SimplifiedLayerNormalization", domain=MS)(simplified_layer_norm)
+# onnxruntime's LayerNormalization below opset 17 and in com.microsoft means LayerNormalization-17
+register("LayerNormalization", since=1)(layer_norm)
+register("LayerNormalization", domain=MS)(layer_norm)
