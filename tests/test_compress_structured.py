@@ -116,6 +116,30 @@ def test_filter_pruning_with_per_channel_quantization(tmp_path, digits):
     assert np.isfinite(_logits(out, x[:50])).all()
 
 
+def test_unstructured_pruning_and_quantization_inside_a_filter_pruned_model(filter_run, tmp_path, digits):
+    """The two-step recipe of the highest-compression benchmark (benchmarks/bench_lenet_hybrid.py):
+    a filter-pruned model (physically smaller layers) compressed again, pruned weight by weight and
+    quantized to 3 bits. The second run's rate counts the first's (smaller) layers, its positions
+    are coded within them, and nothing of the first step's structure comes back."""
+    first, out = filter_run["out"], tmp_path / "second.onnx"
+    before = onnx_weights(first)
+    rep = compress(first, out, "digits", rate="4x", bits=3, quiet=True, **FAST)
+    w = onnx_weights(out)
+    kept = 0
+    for name, x in ((x["name"], x) for x in rep["layers"]):
+        assert x["params"] == before[name].size  # measured against the input's (smaller) layer
+        assert all(a <= b for a, b in zip(w[name].shape, before[name].shape, strict=True))
+        assert np.unique(w[name][w[name] != 0]).size <= 6  # 3 bits: 7 symmetric levels, one of them 0
+        kept += int(np.count_nonzero(w[name]))
+    assert kept == sum(x["nonzero"] for x in rep["layers"])
+    assert rep["pruning_rate"] >= 4.0 * 0.98
+    overall = sum(x["params"] for x in filter_run["rep"]["layers"]) / kept
+    assert overall >= 0.98 * 4.0 * filter_run["rep"]["pruning_rate"]
+    x, _ = digits
+    assert np.isfinite(_logits(out, x[:50])).all()
+    assert rep["agreement"] is not None and rep["storage"]["total"]["file_weight_bytes"] > 0
+
+
 def test_cli_structure_option(tmp_path):
     out = tmp_path / "cli.onnx"
     args = ["compress", str(MODEL), str(out), "--data", "digits", "--rate", "4x", "--structure", "filter"]
