@@ -178,6 +178,30 @@ def test_retraining_keeps_levels_and_moves_centroids():
             assert torch.all(fc1[codes == j] == book[j])
 
 
+def test_quantized_retraining_pulls_shadows_to_their_levels():
+    """quant_damping adds quant_damping * (w - q(w)) to a uniform layer's shadow gradient (the pull
+    that keeps shadows off the rounding thresholds) and nothing to a clustered layer's."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    train = Dataset({"input": np.zeros((8, 1, 8, 8), np.float32)}, np.arange(8) % 10)
+    quant = [{"conv2.weight": QuantSpec(bits=2), "fc2.weight": QuantSpec(clusters=2)}]
+    for lam in (0.0, 0.5):
+        cfg = CompressConfig(batch_size=8, min_batches=1, quant_damping=lam).validate()
+        e = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], lambda s: None, True, quant=quant)
+        e.hard_prune(0)
+        w = e.params["conv2.weight"].detach().clone()
+        q = e.quantized("conv2.weight", w)
+        assert not torch.equal(w, q)  # the shadow is off its levels
+        e.params["conv2.weight"].grad = torch.ones_like(w)
+        e.params["fc2.weight"].grad = None
+        e.add_damping_grad()
+        assert torch.allclose(e.params["conv2.weight"].grad, 1.0 + lam * (w - q))
+        assert e.params["fc2.weight"].grad is None
+    with pytest.raises(ConfigError, match="quant_damping"):
+        CompressConfig(quant_damping=-1).validate()
+
+
 def test_centroid_step_uses_the_summed_member_gradient():
     """A centroid's gradient is the sum of its members' gradients: with members pushing both ways,
     the sign of the sum decides, and Adam's first step moves it by lr against that sign."""

@@ -216,6 +216,24 @@ class Engine:
                 else:
                     p.grad.add_(term, alpha=st.rho)
 
+    def add_damping_grad(self):
+        """Quantized retraining: pull each straight-through shadow towards its level, gradient
+        ``quant_damping * (w - q(w))``. Without it shadows gather at the rounding thresholds and
+        flip back and forth every step, and the loss rises while the model retrains."""
+        lam = self.cfg.quant_damping
+        if not lam:
+            return
+        with torch.no_grad():
+            for n in self.state.grids:
+                if n in self.state.codes:  # clustered: codes frozen, the shadow is not used
+                    continue
+                p = self.params[n]
+                term = p.detach() - self.quantized(n, p.detach())
+                if p.grad is None:
+                    p.grad = term.mul_(lam)
+                else:
+                    p.grad.add_(term, alpha=lam)
+
     def supports(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Each layer's support at ``step`` (the kept count inside its existing mask): coupled layers
         (:attr:`couples`) choose their filters together, the others alone."""
@@ -370,6 +388,8 @@ class Engine:
                 self.restore(shadows)
             if admm:
                 self.add_penalty_grad()
+            elif self.state.grids:
+                self.add_damping_grad()
             if self.state.codes:
                 self.step_centroids(optimizer.param_groups[0]["lr"])
             optimizer.step()

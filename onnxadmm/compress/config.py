@@ -80,6 +80,10 @@ class CompressConfig:
     # distillation temperature: 4 beat 2 on LeNet-5 at every rate (20x-246x: +0.08 to +0.16 points, GPU
     # sweep of session 11); 6 was worse
     temperature: float = 4.0
+    # quantized retraining: pull of each straight-through shadow towards its level (0: off). It steadies
+    # the 3-bit retraining of small sparse layers but raised no final accuracy, and cost binarizing
+    # LeNet-5 0.2 points (docs/benchmarks.md, session 14)
+    quant_damping: float = 0.0
     pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
     # class, added to the distillation of classifier outputs (0: distillation alone)
     val_fraction: float = 0.1  # held out when no --val-data is given
@@ -134,7 +138,10 @@ class CompressConfig:
             if not whole or int(v) < 1:
                 raise ConfigError(f"{name} {v!r}: expected a whole number of at least 1")
             setattr(self, name, int(v))
-        for name in ("epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels"):
+        for name in (
+            "epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels",
+            "quant_damping",
+        ):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.allocation_power is not None and not 0 <= self.allocation_power <= 1:
