@@ -186,6 +186,12 @@ def _defaults():
 )
 @click.option("--val-data", help="Held-out data for validation; default: a fraction of --data is held out.")
 @click.option(
+    "--teacher",
+    type=click.Path(dir_okay=False),
+    help="Distil from this ONNX model instead of MODEL (same inputs and outputs), e.g. the dense "
+    "original when MODEL is already compressed.",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
@@ -286,6 +292,7 @@ def compress(
     rate,
     data,
     val_data,
+    teacher,
     config_file,
     fmt,
     report,
@@ -324,6 +331,7 @@ def compress(
         output,
         data,
         val_data=val_data,
+        teacher=teacher,
         config=cfg.updated(**over),
         fmt=fmt,
         report=report,

@@ -17,6 +17,7 @@ from test_compress import FAST, FAST_TOML, MODEL, onnx_weights
 
 from onnxadmm.compress.pipeline import compress
 from onnxadmm.data import input_specs_of, load_data
+from onnxadmm.errors import ConfigError
 from onnxadmm.modelio import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models train on one thread
@@ -138,6 +139,38 @@ def test_unstructured_pruning_and_quantization_inside_a_filter_pruned_model(filt
     x, _ = digits
     assert np.isfinite(_logits(out, x[:50])).all()
     assert rep["agreement"] is not None and rep["storage"]["total"]["file_weight_bytes"] > 0
+
+
+def test_second_run_distils_from_the_given_teacher(filter_run, tmp_path):
+    """--teacher: the second run of the recipe learns from the dense original, not from its input.
+    The teacher's outputs are what the distillation term is computed against: with the dense model
+    as teacher and no labels, the loss of the very first batch differs from the run that distils
+    from the filter-pruned input."""
+    from conftest import binary_digits_model
+
+    first = filter_run["out"]
+    x = load_data("digits", input_specs_of(load_model(MODEL))).inputs["input"][:256]
+    data = {"input": x}
+    one = {**FAST, "admm_iterations": 1, "max_batches_per_epoch": 1}
+    runs = {}
+    for name, teacher in (("self", None), ("dense", MODEL)):
+        logs: list[str] = []
+        rep = compress(first, tmp_path / f"{name}.onnx", data, rate="2x", teacher=teacher, log=logs.append, **one)
+        runs[name] = (rep, logs)
+    assert runs["dense"][0]["teacher"] == str(MODEL) and runs["self"][0]["teacher"] is None
+    assert any(f"distilling from {MODEL}" in s for s in runs["dense"][1])
+    assert runs["dense"][0]["history"][0]["loss"] != pytest.approx(runs["self"][0]["history"][0]["loss"])
+
+    with pytest.raises(ConfigError, match="not found"):
+        compress(first, tmp_path / "x.onnx", data, rate="2x", teacher=tmp_path / "none.onnx", quiet=True, **one)
+    other = binary_digits_model(tmp_path / "binary.onnx", sigmoid=False)  # one output column, not ten
+    with pytest.raises(ConfigError, match="same outputs"):
+        compress(first, tmp_path / "x.onnx", data, rate="2x", teacher=other, quiet=True, **one)
+    r = CliRunner().invoke(
+        cli, ["compress", str(first), str(tmp_path / "c.onnx"), "--data", "digits", "--rate", "2x",
+              "--teacher", str(tmp_path / "none.onnx"), "--admm-iterations", "1"],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "not found" in r.output and "Traceback" not in r.output
 
 
 def test_cli_structure_option(tmp_path):

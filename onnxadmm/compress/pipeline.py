@@ -122,6 +122,7 @@ def compress(
     force: bool = False,
     quiet: bool = False,
     data_options: dict | None = None,
+    teacher: str | os.PathLike | None = None,
     log=None,
     **overrides,
 ) -> dict:
@@ -129,8 +130,9 @@ def compress(
 
     ``data``/``val_data``: a path (.npz or folder of .npy), ``"digits"``, a dict of arrays, a
     :class:`Dataset`, an ``(inputs, labels)`` pair of whole arrays or any iterable of
-    ``(inputs, labels)`` batches. Keyword ``overrides`` set
-    config fields (``rate=50``, ``lr=1e-3``, ...).
+    ``(inputs, labels)`` batches. ``teacher``: an ONNX model to distil from instead of ``model``
+    (same inputs and training outputs; e.g. the dense original when ``model`` is already
+    compressed). Keyword ``overrides`` set config fields (``rate=50``, ``lr=1e-3``, ...).
     """
     t0 = time.perf_counter()
     log = log or (lambda s: None if quiet else print(s, flush=True))
@@ -219,9 +221,14 @@ def compress(
             )
     if cfg.distill is None:
         cfg.distill = _auto_distill(sample, heads, train, log)
-    teacher = None
+    teacher_out = None
     if train.labels is None or cfg.distill > 0:
-        teacher = _teacher_outputs(module, train, device)
+        source = module if teacher is None else _teacher_module(teacher, module, sample, train, device)
+        teacher_out = _teacher_outputs(source, train, device)
+        if teacher is not None:
+            log(f"distilling from {teacher}")
+    elif teacher is not None:
+        log(f"the teacher {teacher} is not used: distill is 0 and the data has labels")
 
     # an input that is already sparse (an earlier run, another pruner) starts the steps where it is,
     # and its zeros stay pruned (also when it is only quantized: a binarized zero would become +-q)
@@ -270,7 +277,7 @@ def compress(
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
     cfg.epochs_per_iteration = cfg.iteration_epochs()
     engine = Engine(
-        module, heads, train, val, teacher, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
+        module, heads, train, val, teacher_out, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
         views=views, couples=couples,
     )  # fmt: skip
     units = plan(cfg, len(rates), engine.final_step)
@@ -447,6 +454,7 @@ def compress(
             "untrainable_weights": left_out,  # no training output depends on them
         },
         "untrainable_outputs": untrainable,  # {graph output: the op that keeps it out of training}
+        "teacher": None if teacher is None or teacher_out is None else str(teacher),
         "structure": cfg.structure,
         "shrunk": shrunk,
         "accuracy": {
@@ -939,6 +947,32 @@ def _original_outputs(module: OnnxGraphModule, ds: Dataset, rows: slice, device)
         out = module(*[torch.from_numpy(ds.inputs[n][rows]).to(device) for n in module.input_names])
     module.train()
     return [o.detach().cpu() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _teacher_module(path, module: OnnxGraphModule, sample: list[torch.Tensor], ds: Dataset, device):
+    """The model at ``path`` imported as a distillation teacher for ``module``: it must read the
+    same inputs and give training outputs of the same shapes (``sample``: the student's on one row)."""
+    from ..export.storage import expand_storage
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"teacher {p}: not found")
+    proto = expand_storage(load_model(p))
+    heads = training_heads(proto)
+    teacher = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    missing = [n for n in teacher.input_names if n not in ds.inputs]
+    if missing:
+        raise ConfigError(
+            f"teacher {p}: reads input(s) {', '.join(missing)}, which the model to compress does not have"
+        )
+    teacher.to(device)
+    out = _original_outputs(teacher, ds, slice(0, 1), device)
+    if [tuple(o.shape) for o in out] != [tuple(o.shape) for o in sample]:
+        raise ConfigError(
+            f"teacher {p}: its training outputs have shapes {[list(o.shape) for o in out]}, the model's "
+            f"{[list(o.shape) for o in sample]}; the teacher must compute the same outputs"
+        )
+    return teacher
 
 
 def _teacher_outputs(module: OnnxGraphModule, ds: Dataset, device) -> list[torch.Tensor]:
