@@ -20,10 +20,10 @@ Both steps are plain onnxadmm runs; on the command line::
 
 Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both steps). Storage:
 ``onnxadmm report``'s totals against the dense LeNet-5's 430,500 fp32 weights (1,722,000 bytes).
-Stage 2 distils from the stage-1 model (its input), not from the dense one.
+Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
     python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 12.5] [--bits 3] \\
-        [--set2 KEY=VALUE ...] [--json F]
+        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F]
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=3, help="stage 2: bits of the surviving weights")
     ap.add_argument("--stage1", type=Path, help="reuse this stage-1 model instead of running stage 1")
     ap.add_argument("--set2", action="append", default=[], metavar="KEY=VALUE", help="stage-2 setting")
+    ap.add_argument(
+        "--dense-teacher", action="store_true", help="stage 2 distils from the dense model (--teacher)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
         if first is None:
             first = work / "stage1.onnx"
             result["stage1"] = stage(dense, first, data, log, structure="filter", rate=args.structured_rate)
+        if args.dense_teacher:
+            s2["teacher"] = str(dense)
         result["stage2"] = stage(first, work / "stage2.onnx", data, log, rate=args.rate, bits=args.bits, **s2)
     result["command"] = "python benchmarks/bench_lenet_hybrid.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

@@ -82,7 +82,7 @@ class CompressConfig:
     temperature: float = 4.0
     # quantized retraining: pull of each straight-through shadow towards its level (0: off). It steadies
     # the 3-bit retraining of small sparse layers but raised no final accuracy, and cost binarizing
-    # LeNet-5 0.2 points (docs/benchmarks.md, session 14)
+    # LeNet-5 0.3 points (docs/benchmarks.md, session 14)
     quant_damping: float = 0.0
     pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
     # class, added to the distillation of classifier outputs (0: distillation alone)
