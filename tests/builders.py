@@ -1,14 +1,35 @@
-"""Shared by the test modules: one-node ONNX models, their expected outputs, and a quick fit of a
-torch net to scikit-learn's digits (for fixtures that export a trained model)."""
+"""Shared by the test modules: one-node ONNX models, their expected outputs, an operator check of
+the importer against them, seeded test data, and a quick fit of a torch net to scikit-learn's
+digits (for fixtures that export a trained model)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+
+from onnxadmm.importer.graph import OnnxGraphModule, UnsupportedModelError
+
+
+class Draws:
+    """Random test data from one generator that conftest resets to seed 0 before every test, so a
+    test's data do not depend on which tests ran before it (``rng`` for other distributions)."""
+
+    def __init__(self, seed: int = 0):
+        self.reset(seed)
+
+    def reset(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def uniform(self, *shape, low=-1.0, high=1.0, dtype=np.float32) -> np.ndarray:
+        return self.rng.uniform(low, high, shape).astype(dtype)
+
+
+DRAWS = Draws()
 
 
 def one_node_model(op, feeds, consts, attrs, opset, names=None, n_out=1) -> onnx.ModelProto:
@@ -36,6 +57,74 @@ def expected_outputs(model, feeds, reference: bool = False) -> list:
         return list(ReferenceEvaluator(model).run(None, feeds))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def module_outputs(out) -> list:
+    """A module's result as a list of outputs."""
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def compare_outputs(got: list, expected: list, rtol: float, atol: float) -> None:
+    """Tensors ``got`` against arrays ``expected``: same count, shapes and dtypes; integers exactly,
+    floats to ``rtol``/``atol``."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        a, e = g.detach().numpy(), np.asarray(e)
+        assert a.shape == e.shape, (a.shape, e.shape)
+        assert a.dtype == e.dtype, (a.dtype, e.dtype)
+        if e.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, e)
+        else:
+            np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+def check_op(
+    op,
+    feeds,
+    consts=None,
+    attrs=None,
+    *,
+    opset: int,
+    names=None,
+    n_out: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    grad=None,
+    reference: bool = False,
+    param_grads: bool = False,
+) -> list[np.ndarray]:
+    """Run one ``op`` node through ``OnnxGraphModule`` and compare every output with onnxruntime
+    (``reference=True``: the ONNX reference evaluator): same shape and dtype, integers exactly,
+    floats to ``rtol``/``atol``. ``grad``: feeds that must receive finite, non-zero gradients from
+    a random projection of the float outputs (drawn from :data:`DRAWS`); with ``param_grads`` every
+    parameter of the module too. Returns the module's outputs."""
+    consts = consts or {}
+    model = one_node_model(op, feeds, consts, attrs or {}, opset, names, n_out)
+    expected = expected_outputs(model, feeds, reference)
+    m = OnnxGraphModule(model)
+    xs = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in feeds.items()}
+    for k in grad or ():
+        xs[k].requires_grad_(True)
+    got = module_outputs(m(*xs.values()))
+    compare_outputs(got, expected, rtol, atol)
+    if grad:
+        loss = sum(
+            (g * torch.from_numpy(DRAWS.rng.standard_normal(g.shape)).to(g.dtype)).double().sum()
+            for g in got
+            if g.is_floating_point()
+        )
+        loss.backward()
+        tensors = [(k, xs[k]) for k in grad] + (list(m.named_onnx_parameters()) if param_grads else [])
+        for k, t in tensors:
+            assert t.grad is not None and torch.isfinite(t.grad).all(), k
+            assert t.grad.abs().sum() > 0, k
+    return [g.detach().numpy() for g in got]
+
+
+def expect_unsupported(op, feeds, consts, attrs, opset, match) -> None:
+    """Importing the one-node model raises UnsupportedModelError matching ``match``."""
+    with pytest.raises(UnsupportedModelError, match=match):
+        OnnxGraphModule(one_node_model(op, feeds, consts, attrs, opset))
 
 
 def fit_digits(net: torch.nn.Module, epochs: int, lr: float, batch: int = 64, channel_axis: bool = True):

@@ -116,6 +116,14 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _fresh_draws():
+    """builders.DRAWS starts every test at seed 0."""
+    import builders
+
+    builders.DRAWS.reset()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     import torch

@@ -18,27 +18,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import expected_outputs, one_node_model
+from builders import DRAWS, check_op, compare_outputs, expect_unsupported, expected_outputs, one_node_model
+from builders import module_outputs as _outputs
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxadmm.importer.graph import OnnxGraphModule, UnsupportedModelError
+from onnxadmm.importer.graph import OnnxGraphModule
 
-RNG = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_rng():
-    """Every test draws its data from a fresh seed-0 generator, whatever else runs."""
-    global RNG
-    RNG = np.random.default_rng(0)
-
-
-def _r(*shape, low=-1.0, high=1.0, dtype=np.float32) -> np.ndarray:
-    return RNG.uniform(low, high, shape).astype(dtype)
+_r = DRAWS.uniform
 
 
 def _ints(*shape, low=0, high=256, dtype=np.uint8) -> np.ndarray:
-    return RNG.integers(low, high, shape).astype(dtype)
+    return DRAWS.rng.integers(low, high, shape).astype(dtype)
 
 
 def _s(v, dtype=np.float32) -> np.ndarray:
@@ -48,65 +38,18 @@ def _s(v, dtype=np.float32) -> np.ndarray:
 _model = one_node_model
 
 
-def _outputs(got) -> list:
-    return list(got) if isinstance(got, tuple) else [got]
-
-
-def _compare(got: list, expected: list, rtol, atol) -> None:
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        a = g.detach().numpy()
-        e = np.asarray(e)
-        assert a.shape == e.shape, (a.shape, e.shape)
-        assert a.dtype == e.dtype, (a.dtype, e.dtype)
-        if e.dtype.kind in "biu":
-            np.testing.assert_array_equal(a, e)
-        else:
-            np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
-
-
 def check(
-    op,
-    feeds,
-    consts=None,
-    attrs=None,
-    opset=21,
-    names=None,
-    n_out=1,
-    rtol=1e-5,
-    atol=1e-6,
-    grad=None,
+    op, feeds, consts=None, attrs=None, opset=21, names=None, n_out=1, rtol=1e-5, atol=1e-6, grad=None,
     reference=False,
-):
-    """Compare ``OnnxGraphModule`` with onnxruntime (``reference=True``: the ONNX reference
-    evaluator) on every output. ``grad``: feeds that must receive finite, non-zero gradients from
-    the float outputs."""
-    consts = consts or {}
-    model = one_node_model(op, feeds, consts, attrs or {}, opset, names, n_out)
-    expected = expected_outputs(model, feeds, reference)
-    m = OnnxGraphModule(model)
-    xs = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in feeds.items()}
-    for k in grad or ():
-        xs[k].requires_grad_(True)
-    got = _outputs(m(*xs.values()))
-    _compare(got, expected, rtol, atol)
-    if grad:
-        loss = sum(
-            (g * torch.from_numpy(RNG.standard_normal(g.shape)).to(g.dtype)).double().sum()
-            for g in got
-            if g.is_floating_point()
-        )
-        loss.backward()
-        for k in grad:
-            g = xs[k].grad
-            assert g is not None and torch.isfinite(g).all(), k
-            assert g.abs().sum() > 0, k
-    return [g.detach().numpy() for g in got]
+):  # fmt: skip
+    """:func:`builders.check_op` on every output (opset 21 by default); the outputs."""
+    return check_op(
+        op, feeds, consts, attrs, opset=opset, names=names, n_out=n_out, rtol=rtol, atol=atol, grad=grad,
+        reference=reference,
+    )  # fmt: skip
 
 
-def _unsupported(op, feeds, consts, attrs, opset, match):
-    with pytest.raises(UnsupportedModelError, match=match):
-        OnnxGraphModule(one_node_model(op, feeds, consts, attrs, opset))
+_unsupported = expect_unsupported
 
 
 # ---- NegativeLogLikelihoodLoss / SoftmaxCrossEntropyLoss ------------------------------------------
@@ -119,7 +62,7 @@ def _loss_case(shape_id, weighted, ignore):
     shape = LOSS_SHAPES[shape_id]
     feeds = {"x": _r(*shape, low=-3, high=1)}
     tshape = (shape[0],) + shape[2:]
-    t = RNG.permutation(np.arange(np.prod(tshape)) % shape[1]).reshape(tshape).astype(np.int64)
+    t = DRAWS.rng.permutation(np.arange(np.prod(tshape)) % shape[1]).reshape(tshape).astype(np.int64)
     if ignore is not None:
         t.reshape(-1)[::3] = ignore
     feeds["t"] = t
@@ -171,7 +114,7 @@ def test_loss_mean_weighted_by_kept_targets():
 
 
 def test_loss_int32_targets_and_float64():
-    feeds = {"x": _r(3, 4, 2, dtype=np.float64), "t": RNG.integers(0, 4, (3, 2)).astype(np.int32)}
+    feeds = {"x": _r(3, 4, 2, dtype=np.float64), "t": DRAWS.rng.integers(0, 4, (3, 2)).astype(np.int32)}
     check("SoftmaxCrossEntropyLoss", feeds, opset=13, n_out=2, grad=["x"], rtol=1e-12, atol=1e-12)
     check("NegativeLogLikelihoodLoss", feeds, opset=13, grad=["x"], rtol=1e-12, atol=1e-12)
 
@@ -654,9 +597,9 @@ def _check_graph(model, feeds, grad=None):
             assert g is None
         elif isinstance(w, list):
             assert isinstance(g, list) and len(g) == len(w)
-            _compare(g, w, 0, 0)
+            compare_outputs(g, w, 0, 0)
         else:
-            _compare([g], [w], 0, 0)
+            compare_outputs([g], [w], 0, 0)
     if grad:
         sum(g.sum() for g in got if isinstance(g, torch.Tensor) and g.is_floating_point()).backward()
         for k in grad:
@@ -752,7 +695,7 @@ BITCASTS = [
 @pytest.mark.parametrize("src,to", BITCASTS, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_bit_cast(src, to):
     """Same-width reinterpretations (onnxruntime 1.32 runs BitCast-26)."""
-    raw = RNG.integers(0, 256, 32, dtype=np.uint8)
+    raw = DRAWS.rng.integers(0, 256, 32, dtype=np.uint8)
     x = raw.view(src)
     if x.dtype.kind == "f":  # no NaN payloads: their bits need not survive a float round trip
         x = np.where(np.isfinite(x), x, 0).astype(src)

@@ -12,68 +12,25 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from builders import expected_outputs, one_node_model
+from builders import DRAWS, check_op, expect_unsupported, one_node_model
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxadmm.importer.graph import OnnxGraphModule, UnsupportedModelError
+from onnxadmm.importer.graph import OnnxGraphModule
 
-RNG = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_rng():
-    """Every test draws its data from a fresh seed-0 generator, whatever else runs."""
-    global RNG
-    RNG = np.random.default_rng(0)
-
-
-def _r(*shape, low=-1.0, high=1.0, dtype=np.float32) -> np.ndarray:
-    return RNG.uniform(low, high, shape).astype(dtype)
+_r = DRAWS.uniform
 
 
 def _i64(*values) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
-def check(
-    op,
-    feeds,
-    consts=None,
-    attrs=None,
-    opset=20,
-    rtol=1e-5,
-    atol=1e-5,
-    grad=None,
-    reference=False,
-):
-    """Compare ``OnnxGraphModule`` with onnxruntime (``reference=True``: the ONNX reference
-    evaluator); ``grad``: names of the feeds that must receive finite gradients."""
-    consts = consts or {}
-    model = one_node_model(op, feeds, consts, attrs or {}, opset)
-    expected = expected_outputs(model, feeds, reference)[0]
-    m = OnnxGraphModule(model)
-    xs = {k: torch.from_numpy(v.copy()) for k, v in feeds.items()}
-    for k in grad or ():
-        xs[k].requires_grad_(True)
-    got = m(*xs.values())
-    a = got.detach().numpy()
-    assert a.shape == expected.shape, (a.shape, expected.shape)
-    assert a.dtype == expected.dtype, (a.dtype, expected.dtype)
-    np.testing.assert_allclose(a, expected, rtol=rtol, atol=atol)
-    if grad:
-        weights = torch.from_numpy(RNG.standard_normal(a.shape)).to(got.dtype)
-        (got * weights).double().sum().backward()
-        for k in grad:
-            g = xs[k].grad
-            assert g is not None and torch.isfinite(g).all(), k
-            assert g.abs().sum() > 0, k
-    return a
+def check(op, feeds, consts=None, attrs=None, opset=20, rtol=1e-5, atol=1e-5, grad=None, reference=False):
+    """:func:`builders.check_op` of a one-output node (opset 20 by default); its output."""
+    return check_op(op, feeds, consts, attrs, opset=opset, rtol=rtol, atol=atol, grad=grad, reference=reference)[0]
 
 
-def _unsupported(op, feeds, consts, attrs, opset, match):
-    with pytest.raises(UnsupportedModelError, match=match):
-        OnnxGraphModule(one_node_model(op, feeds, consts, attrs, opset))
+_unsupported = expect_unsupported
 
 
 # ---- GridSample ---------------------------------------------------------------------------------
@@ -320,7 +277,7 @@ def test_cumprod(exclusive, reverse, axis):
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float64])
 def test_cumprod_dtypes_and_runtime_axis(dtype):
-    x = RNG.integers(-3, 4, (4, 5)).astype(dtype)
+    x = DRAWS.rng.integers(-3, 4, (4, 5)).astype(dtype)
     check(
         "CumProd", {"x": x, "axis": np.array(1, np.int32)}, attrs=dict(exclusive=1), opset=26, rtol=0, atol=0
     )
@@ -399,7 +356,7 @@ def test_center_crop_pad(name, shape, target, axes):
 
 
 def test_center_crop_pad_int_runtime_shape():
-    x = RNG.integers(-9, 9, (5, 4)).astype(np.int32)
+    x = DRAWS.rng.integers(-9, 9, (5, 4)).astype(np.int32)
     check("CenterCropPad", {"x": x, "shape": _i64(2, 7)}, opset=18, rtol=0, atol=0)
 
 

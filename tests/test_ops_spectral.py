@@ -12,24 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from builders import expected_outputs, one_node_model
+from builders import DRAWS, check_op, expected_outputs, one_node_model
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
 from onnxadmm.importer.graph import OnnxGraphModule, UnsupportedModelError
 
-RNG = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_rng():
-    """Every test draws its data from a fresh seed-0 generator, whatever else runs."""
-    global RNG
-    RNG = np.random.default_rng(0)
-
-
-def _r(*shape, low=-1.0, high=1.0, dtype=np.float32) -> np.ndarray:
-    return RNG.uniform(low, high, shape).astype(dtype)
+_r = DRAWS.uniform
 
 
 def _i64(v) -> np.ndarray:
@@ -37,40 +26,14 @@ def _i64(v) -> np.ndarray:
 
 
 def check(
-    op,
-    feeds,
-    consts=None,
-    attrs=None,
-    opset=17,
-    names=None,
-    rtol=1e-5,
-    atol=1e-5,
-    grad=None,
-    reference=False,
+    op, feeds, consts=None, attrs=None, opset=17, names=None, rtol=1e-5, atol=1e-5, grad=None, reference=False
 ):
-    """Compare ``OnnxGraphModule`` with onnxruntime (``reference=True``: the ONNX reference
-    evaluator). ``grad``: feeds that must receive finite, non-zero gradients (so must every
-    parameter of the module)."""
-    consts = consts or {}
-    model = one_node_model(op, feeds, consts, attrs or {}, opset, names)
-    expected = expected_outputs(model, feeds, reference)[0]
-    m = OnnxGraphModule(model)
-    xs = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in feeds.items()}
-    for k in grad or ():
-        xs[k].requires_grad_(True)
-    got = m(*xs.values())
-    a = got.detach().numpy()
-    assert a.shape == expected.shape, (a.shape, expected.shape)
-    assert a.dtype == expected.dtype, (a.dtype, expected.dtype)
-    np.testing.assert_allclose(a, expected, rtol=rtol, atol=atol)
-    if grad:
-        weights = torch.from_numpy(RNG.standard_normal(a.shape)).to(got.dtype)
-        (got * weights).double().sum().backward()
-        tensors = [(k, xs[k]) for k in grad] + list(m.named_onnx_parameters())
-        for k, t in tensors:
-            assert t.grad is not None and torch.isfinite(t.grad).all(), k
-            assert t.grad.abs().sum() > 0, k
-    return a
+    """:func:`builders.check_op` of a one-output node (opset 17 by default); with ``grad``, every
+    parameter of the module must receive a gradient too. Its output."""
+    return check_op(
+        op, feeds, consts, attrs, opset=opset, names=names, rtol=rtol, atol=atol, grad=grad,
+        reference=reference, param_grads=True,
+    )[0]  # fmt: skip
 
 
 def _complex(x: np.ndarray) -> np.ndarray:
