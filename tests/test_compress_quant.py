@@ -259,20 +259,29 @@ def test_retraining_lr_decays_with_cosine_in_quiet_mode():
 
 
 def test_auto_format_packs_a_layer_only_where_that_is_smaller(tmp_path):
-    """auto: a quantized layer goes into packed form only when codes + codebook + decoder nodes
-    take fewer bytes than its plain floats; otherwise it stays a plain tensor, still on its grid.
-    ``codebook`` packs every one."""
+    """auto: the quantized layers go into packed form (one shared decoder where the opset allows,
+    else one each) only where that takes fewer bytes than plain floats; the file is no larger than
+    every layer plain, or each packed alone where that beats its floats (the rule without shared
+    decoders). ``codebook`` packs every one."""
     from onnxadmm.compress.pipeline import _plain_cost
-    from onnxadmm.export.storage import encode_from_values, file_cost
+    from onnxadmm.export.storage import apply_storage, encode_from_values, expand_storage, file_cost
 
     rep, w = run(tmp_path, "auto4", bits=4)
     packed = set(rep["format"]["codebook_tensors"])
     assert "fc1.weight" in packed
+    written = onnx.load(tmp_path / "auto4.onnx")
+    plain = expand_storage(written)
+    singles = {}
     for n in WEIGHTS:
         levels = np.unique(w[n])
         assert len(levels) <= 15, n
-        cost = min(file_cost(encode_from_values(w[n], levels, sparse=s), n) for s in (False, True))
-        assert (n in packed) == (cost < _plain_cost(n, w[n])), n
+        enc = min(
+            (encode_from_values(w[n], levels, sparse=s) for s in (False, True)), key=lambda e: file_cost(e, n)
+        )
+        if file_cost(enc, n) < _plain_cost(n, w[n]):
+            singles[n] = enc
+    one_each = apply_storage(plain, singles, bundle=False)
+    assert written.ByteSize() <= min(plain.ByteSize(), one_each.ByteSize())
     rep_cb, w_cb = run(tmp_path, "cb4", bits=4, fmt="codebook")
     assert set(rep_cb["format"]["codebook_tensors"]) == set(WEIGHTS)
     for n in WEIGHTS:
@@ -283,7 +292,7 @@ def test_auto_format_keeps_a_tiny_quantized_layer_plain():
     """36 weights on 16 clusters: 144 bytes of floats, less than any decoder's nodes."""
     from onnx import helper
 
-    from onnxadmm.compress.pipeline import _encodings
+    from onnxadmm.compress.pipeline import _encodings, _select_storage
     from onnxadmm.compress.quantize import Grid
 
     rng = np.random.default_rng(0)
@@ -294,7 +303,7 @@ def test_auto_format_keeps_a_tiny_quantized_layer_plain():
         opset_imports=[helper.make_opsetid("", 13)],
     )
     grids = {"w": Grid(torch.from_numpy(book)[None], None, "cluster", 4)}
-    assert _encodings("auto", grids, {"w": w}, proto) == {}
+    assert _select_storage("auto", _encodings("auto", grids, {"w": w}, proto), {"w": w}, proto) == {}
     enc = _encodings("codebook", grids, {"w": w}, proto)["w"]
     assert enc.levels == len(np.unique(w)) and enc.stored == 36  # unused levels compacted away
 

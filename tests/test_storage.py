@@ -151,7 +151,7 @@ def test_exact_in_onnxruntime(bits, group_axis, sparse):
         assert np.array_equal(decode(enc), w)
         weights[name], encodings[name] = w, enc
     reference = _model(weights)
-    out = apply_storage(reference, encodings, packing="bits")
+    out = apply_storage(reference, encodings, packing="bits", bundle=False)
     _check_exact(reference, out)
 
     # decoders first, named after their weight, consumers untouched
@@ -209,7 +209,7 @@ def test_smaller_file(tmp_path, bits, sparse, packing):
         # 8 bits: the levels in use, not a 256-entry codebook that would outweigh the tensor
         encodings[name] = encode_from_values(w, codebook, None, sparse, compact=bits == 8)
     reference = _model(weights)
-    out = apply_storage(reference, encodings, packing=packing)
+    out = apply_storage(reference, encodings, packing=packing, bundle=False)
     _check_exact(reference, out)
     onnx.save(reference, tmp_path / "dense.onnx")
     onnx.save(out, tmp_path / "small.onnx")
@@ -704,7 +704,7 @@ def test_decoders_of_files_written_before_tags():
     rng = np.random.default_rng(7)
     w = np.where(rng.random(SHAPES["wg"]) < 0.3, 0.25, 0.0).astype(np.float32)
     reference = _model({"wg": w})
-    new = apply_storage(reference, {"wg": encode_from_values(w, [0.0, 0.25], sparse=True)})
+    new = apply_storage(reference, {"wg": encode_from_values(w, [0.0, 0.25], sparse=True)}, bundle=False)
     meta = json.loads(dict((p.key, p.value) for p in new.metadata_props)[METADATA_KEY])
     tag = meta["wg"].pop("tag")
     old = onnx.ModelProto()
@@ -722,3 +722,157 @@ def test_decoders_of_files_written_before_tags():
     assert old_bytes.pop("nodes") > new_bytes.pop("nodes")  # the tags are the shorter names
     assert old_bytes == new_bytes
     assert np.array_equal(numpy_helper.to_array(st.expand_storage(old).graph.initializer[-1]), w)
+
+
+# --------------------------------------------------------------------------------------------------
+# bundles: several weights, one shared decoder (onnxadmm.export.bundle)
+
+# LeNet-5 after filter pruning, then pruning and 3 bits inside: one layer in each region
+BUNDLE_LAYERS = {"c1": ((4, 1, 5, 5), 0.8), "c2": ((11, 4, 5, 5), 0.33), "f1": ((107, 176), 0.045), "f2": ((10, 107), 0.35)}
+
+
+def _bundle_weights(rng, bits, dtype=np.float32, layers=BUNDLE_LAYERS):
+    """Weights on 2**bits - 1 non-zero levels each (plus 0), at the densities of ``layers``."""
+    weights, encodings = {}, {}
+    for name, (shape, density) in layers.items():
+        levels = (rng.uniform(0.1, 1.0, 2**bits - 1) * rng.choice([-1, 1], 2**bits - 1)).astype(dtype)
+        w = levels[rng.integers(0, levels.size, shape)]
+        keep = rng.random(shape) < density
+        keep.flat[rng.integers(w.size)] = True
+        w = np.where(keep, w, 0).astype(dtype)
+        weights[name] = w
+        encodings[name] = encode_from_values(w, np.append(levels.astype(np.float32), 0))
+    return weights, encodings
+
+
+def _bundle_model(weights: dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
+    """Each weight added to an input of its shape (so every weight is used and checked)."""
+    dtype = next(iter(weights.values())).dtype.type
+    nodes, inputs, outputs = [], [], []
+    for name, w in weights.items():
+        inputs.append(helper.make_tensor_value_info(f"x_{name}", ELEM_TYPE[dtype], list(w.shape)))
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", ELEM_TYPE[dtype], list(w.shape)))
+        nodes.append(helper.make_node("Add", [f"x_{name}", name], [f"y_{name}"], name=f"add_{name}"))
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+def _bundle_entries(model: onnx.ModelProto) -> dict[str, dict]:
+    meta = json.loads(dict((p.key, p.value) for p in model.metadata_props)[METADATA_KEY])
+    return {tag: d for tag, d in meta.items() if d.get("format") == "onnxadmm-bundle-1"}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bundle_exact_in_onnxruntime(bits, dtype, opset):
+    rng = np.random.default_rng(bits * 7 + opset)
+    weights, encodings = _bundle_weights(rng, bits, dtype)
+    reference = _bundle_model(weights, opset)
+    out = apply_storage(reference, encodings, bundle="always")
+    _check_exact(reference, out)
+    (tag, entry), = _bundle_entries(out).items()
+    assert {m[0] for m in entry["members"]} == set(weights)
+    assert entry["bits"] == max(1, bits)
+    regions = {m[0]: m[1] for m in entry["members"]}
+    assert regions["f1"] == "gaps" and (regions["c1"] == "dense" or bits == 8)  # 80% dense
+    assert ("bitmap" in regions.values()) == (bits >= 3)  # 1 + 0.35 * bits bits per element, well below bits
+    assert all(not n.name for n in out.graph.node if n.output[0].startswith(tag) or n.output[0] in weights)
+
+    # onnx's reference evaluator decodes the same tensors from the shared nodes
+    nodes = list({id(n): n for ns in st.decoder_nodes(out).values() for n in ns}.values())
+    sub = helper.make_model(
+        helper.make_graph(
+            nodes, "d", [], [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in weights],
+            list(out.graph.initializer),
+        ),
+        opset_imports=list(out.opset_import),
+    )
+    for name, got in zip(weights, ReferenceEvaluator(sub).run(None, {})):
+        assert got.dtype == weights[name].dtype and np.array_equal(got, weights[name])
+
+    # analyze: per member, counts from the metadata; bytes that add up to what the bundle adds
+    report = analyze(out)
+    for name, w in weights.items():
+        e = report[name]
+        assert e["storage"] == "codebook" and e["nonzero"] == np.count_nonzero(w) and e["bits"] == entry["bits"]
+        assert e["K"] == np.unique(w[w != 0]).size and e["region"] == regions[name]
+    new = _new_initializers(reference, out)
+    assert sum(report[n]["bytes"]["total"] for n in weights) == sum(len(t.raw_data) for t in new)
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(out)
+    keep_nodes = [n for n in stripped.graph.node if n.name.startswith("add_")]
+    del stripped.graph.node[:]
+    stripped.graph.node.extend(keep_nodes)
+    keep_inits = [t for t in stripped.graph.initializer if not t.name.startswith(tag)]
+    del stripped.graph.initializer[:]
+    stripped.graph.initializer.extend(keep_inits)
+    grown = out.ByteSize() - stripped.ByteSize()
+    assert sum(report[n]["bytes"]["total"] + report[n]["bytes"]["nodes"] for n in weights) == grown
+
+    # expand_storage gives the plain tensors back and drops the bundle's nodes and entry
+    plain = st.expand_storage(out)
+    values = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    for name, w in weights.items():
+        assert values[name].dtype == w.dtype and np.array_equal(values[name], w)
+    assert [n.name for n in plain.graph.node] == [n.name for n in reference.graph.node]
+    assert not any(t.startswith(tag) for t in values)
+    assert METADATA_KEY not in {p.key for p in plain.metadata_props}
+
+
+def test_bundle_smaller_than_one_decoder_per_weight(tmp_path):
+    """LeNet-5's layers after filter pruning and pruning + 3 bits inside them (~1,700 non-zeros):
+    one shared decoder takes less room than four, every stream bit-packed, and the weights' bytes
+    in the file (payload, codebooks, constants) shrink with it."""
+    rng = np.random.default_rng(5)
+    weights, encodings = _bundle_weights(rng, 3)
+    reference = _bundle_model(weights)
+    bundled = apply_storage(reference, encodings)
+    singles = apply_storage(reference, encodings, bundle=False)
+    _check_exact(reference, bundled)
+    assert _bundle_entries(bundled) and not _bundle_entries(singles)
+    assert singles.ByteSize() - bundled.ByteSize() > 500  # ~5.3 KB -> ~4.6 KB
+    (_, entry), = _bundle_entries(bundled).items()
+    assert {m[1] for m in entry["members"]} == {"dense", "bitmap", "gaps"}
+    a, b = analyze(bundled), analyze(singles)
+    assert sum(a[n]["bytes"]["total"] for n in weights) < sum(b[n]["bytes"]["total"] for n in weights)
+    # payload: codes at 3 bits, a bit per bitmap element, r bits per gap entry, one unused code
+    bits = {m[0]: m for m in entry["members"]}
+    payload_bits = 3 * (1 + sum(m[4] for m in entry["members"]))
+    payload_bits += sum(math.prod(m[2]) for m in entry["members"] if m[1] == "bitmap")
+    payload_bits += sum((m[4] + m[5]) * entry["gap_bits"] for m in entry["members"] if m[1] == "gaps")
+    assert sum(a[n]["bytes"]["codes"] + a[n]["bytes"]["positions"] for n in weights) == math.ceil(payload_bits / 8)
+    assert bits["f1"][1] == "gaps" and bits["c1"][1] == "dense"
+
+
+def test_bundle_leaves_out_what_does_not_pay():
+    """Raw (unquantized) and per-channel weights keep their own decoder, all-zero ones too; a
+    model below opset 11 that needs no sparse decoder gets no bundle (its opset stays)."""
+    rng = np.random.default_rng(3)
+    weights, encodings = _bundle_weights(rng, 3)
+    w_raw = np.where(rng.random((30, 40)) < 0.1, rng.standard_normal((30, 40)), 0).astype(np.float32)
+    w_chan, book = _quantized(rng, (16, 30), 2, 0, False)
+    weights.update(raw=w_raw, chan=w_chan, zero=np.zeros((5, 6), np.float32))
+    encodings.update(
+        raw=st.encode_sparse(w_raw),
+        chan=encode_from_values(w_chan, book, 0, False),
+        zero=encode_from_values(weights["zero"], [0.5], sparse=True),
+    )
+    reference = _bundle_model(weights)
+    out = apply_storage(reference, encodings)
+    _check_exact(reference, out)
+    (_, entry), = _bundle_entries(out).items()
+    assert {m[0] for m in entry["members"]} <= set(BUNDLE_LAYERS)
+    meta = json.loads(dict((p.key, p.value) for p in out.metadata_props)[METADATA_KEY])
+    assert {"raw", "chan", "zero"} <= set(meta)
+
+    dense = {n: w for n, w in _bundle_weights(rng, 4, layers={"a": ((40, 30), 1.0), "b": ((30, 20), 1.0)})[0].items()}
+    encs = {n: encode_from_values(w, np.append(np.unique(w[w != 0]), 0), sparse=False) for n, w in dense.items()}
+    low = _bundle_model(dense, opset=9)
+    out = apply_storage(low, encs)
+    assert st.default_opset(out) == 9 and not _bundle_entries(out)
+    _check_exact(low, out)

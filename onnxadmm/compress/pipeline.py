@@ -370,6 +370,7 @@ def compress(
     encodings.update(
         _compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto, sparse_ok)
     )
+    encodings = _select_storage(fmt, encodings, state, proto)
     sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
@@ -784,15 +785,14 @@ def _encodings(
 ) -> dict:
     """Codebook storage (packed codes, codebook, positions when sparse) for each quantized weight held
     in an initializer: with ``auto`` and ``codebook``; each tensor dense or sparse, whichever is smaller.
-    ``auto`` leaves a tensor in plain floats (its values still exactly on the grid) where the packed
-    form with its decoder nodes would take more bytes, as for a 3x3 convolution of 36 weights, and
-    uses no sparse form where the model's opset cannot safely be raised to 11 (:func:`_sparse_decoders_ok`)."""
+    ``auto`` uses no sparse form where the model's opset cannot safely be raised to 11
+    (:func:`_sparse_decoders_ok`); :func:`_select_storage` then leaves in plain floats (their values
+    still exactly on the grid) the tensors whose packed form would take more bytes."""
     if fmt not in ("auto", "codebook") or not grids:
         return {}
-    from ..export.storage import default_opset, encode_from_values, file_cost
+    from ..export.storage import encode_from_values
 
     dtypes = _weight_dtypes(proto)
-    opset = default_opset(proto)
     if sparse_ok is None:
         sparse_ok = fmt == "codebook" or _sparse_decoders_ok(proto)
     out = {}
@@ -805,12 +805,28 @@ def _encodings(
         zeros_off = bool((w == 0).any()) and not bool((book == 0).any(axis=1).all())
         if zeros_off and not sparse_ok:
             continue
-        enc = encode_from_values(
+        out[n] = encode_from_values(
             w, book, g.group_axis, sparse=True if zeros_off else (None if sparse_ok else False)
         )
-        if fmt == "codebook" or file_cost(enc, n, opset) < _plain_cost(n, w):
-            out[n] = enc
     return out
+
+
+def _select_storage(fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto) -> dict:
+    """With ``auto``, the encodings that make the file smaller (the others' weights stay plain, or
+    COO sparse when pruned): shared decoders (bundles) where the opset allows, else each weight's own
+    decoder against its plain (or COO) bytes. ``codebook`` keeps them all."""
+    if fmt != "auto" or not encodings:
+        return encodings
+    from ..export.storage import default_opset, select_storage
+
+    opset = max([default_opset(proto)] + [11 for e in encodings.values() if e.sparse])
+    plain = {}
+    for n, enc in encodings.items():
+        w = np.asarray(state[n])
+        plain[n] = min(_plain_cost(n, w), _coo_cost(n, w)) if enc.sparse else _plain_cost(n, w)
+    bundles, singles = select_storage(encodings, opset, plain=plain)
+    keep = {n for names in bundles for n in names} | set(singles)
+    return {n: e for n, e in encodings.items() if n in keep}
 
 
 def _compact_sparse(

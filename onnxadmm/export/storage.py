@@ -74,6 +74,10 @@ falls below the new opset's minimum are moved to it, and those below IR 4 have t
 taken out of ``graph.input`` (onnxruntime treats initializers listed as inputs as constants only
 below IR 4: this keeps that behaviour, and constant folding).
 
+7. *Bundles* (:mod:`onnxadmm.export.bundle`): the weights of a model that share a dtype, stored
+   as one bit stream with one decoder, each in a dense, bitmap or gaps region; chosen by
+   :func:`select_storage` wherever that makes the file smaller (needs opset 11).
+
 Accounting: :func:`storage_bytes` gives the bytes each part occupies in the file (``codes``,
 ``positions``, ``codebook``, ``graph``: the decoder's small constants, ``total``: the raw data, and
 ``nodes``: node protos, tensor names and headers), :func:`theoretical` the Deep Compression bit count
@@ -135,7 +139,7 @@ _INT32_LIMIT = 2**31 - 1
 
 # Roles of the payload initializers (by the last component of their name) in storage_bytes / analyze;
 # every other decoder initializer counts as "graph".
-_ROLE_OF = {"codes": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes", "entries": "entries"}
+_ROLE_OF = {"codes": "codes", "data": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes", "entries": "entries"}
 
 
 def _split_entries(nbytes: int, bits: int, gap_bits: int) -> tuple[int, int]:
@@ -1121,11 +1125,79 @@ def _free_tags(taken: set[str]) -> Iterator[str]:
         i += 1
 
 
+def select_storage(
+    encodings: Mapping[str, Encoded],
+    opset: int,
+    packing: str = "auto",
+    plain: Mapping[str, int] | None = None,
+    bundle: bool | str = True,
+) -> tuple[list[list[str]], list[str]]:
+    """How to store ``encodings`` in the fewest bytes: ``(bundles, singles)``, lists of weight names.
+
+    A weight goes into a shared bundle (:mod:`onnxadmm.export.bundle`, one decoder for several
+    weights; needs ``opset`` >= 11 and ``bundle``), gets its own decoder (a single), or, where
+    ``plain`` gives the bytes of leaving it as it is and that is cheaper, into neither. Bundles are
+    grouped by dtype; members whose removal makes the file smaller are taken out, one at a time.
+    ``bundle="always"`` puts every weight that can be in a bundle into one (per dtype), for tests.
+    """
+    from . import bundle as bd
+
+    plain = dict(plain or {})
+    single = {n: file_cost(e, n, opset, packing) for n, e in encodings.items()}
+    alt = {n: min(single[n], plain.get(n, single[n])) for n in encodings}
+    groups: dict[str, list] = {}
+    if bundle and opset >= bd.OPSET:
+        for n, e in encodings.items():
+            m = bd.member(n, e)
+            if m is not None:
+                groups.setdefault(bd.bundle_key(m), []).append(m)
+    bundles = []
+    in_bundle: set[str] = set()
+
+    def cost(members, plans=1) -> float:
+        if not members:
+            return 0
+        try:
+            return bd.build(members, opset, plans=plans)[2]
+        except OnnxAdmmError:
+            return math.inf
+
+    for members in groups.values():
+        if sum(int(np.count_nonzero(m.codes)) for m in members) * max(m.bits for m in members) > bd.MAX_BITS:
+            continue  # too big for a bundle (see bundle.MAX_BITS): one decoder per weight
+        if bundle == "always":
+            bundles.append([m.name for m in members])
+            in_bundle |= {m.name for m in members}
+            continue
+        kept = list(members)
+        current = cost(kept)
+        # take out, one at a time, the member whose removal saves most (small ones first, at most 8 tries)
+        while len(kept) > 1:
+            trials = sorted(kept, key=lambda m: m.size)[:8]
+            best = None
+            for m in trials:
+                rest = [x for x in kept if x is not m]
+                c = cost(rest) + alt[m.name] + sum(alt[x.name] for x in members if x not in kept)
+                if best is None or c < best[0]:
+                    best = (c, m)
+            if best is None or best[0] >= current:
+                break
+            current = best[0]
+            kept.remove(best[1])
+        outside = sum(alt[m.name] for m in members)
+        if kept and cost(kept, plans=4) + sum(alt[m.name] for m in members if m not in kept) < outside:
+            bundles.append([m.name for m in kept])
+            in_bundle |= {m.name for m in kept}
+    singles = [n for n in encodings if n not in in_bundle and single[n] <= plain.get(n, single[n])]
+    return bundles, singles
+
+
 def apply_storage(
     model: onnx.ModelProto,
     encodings: Mapping[str, Encoded],
     opset_min: int | None = None,
     packing: str = "auto",
+    bundle: bool | str = True,
 ) -> onnx.ModelProto:
     """A copy of ``model`` where each weight named in ``encodings`` is stored as its :class:`Encoded`.
 
@@ -1135,20 +1207,27 @@ def apply_storage(
        whose shape and dtype match the encoding; its data is dropped (the encoding defines the new
        values). A weight also listed in ``graph.input`` (old IR) is removed from the inputs.
     2. The decoder's nodes and tensors, named ``<tag><i>`` with a tag ``_oa<j>/`` unique to the
-       weight (short names: they repeat in the file), go to the start of ``graph.node`` and the
-       last node outputs the weight's name, so every consumer and every other node, initializer
-       and attribute is left untouched.
+       weight or bundle (short names: they repeat in the file), go to the start of ``graph.node``
+       and the last node outputs the weight's name, so every consumer and every other node,
+       initializer and attribute is left untouched.
     3. The default-domain opset is raised when a decoder needs it (7 dense, 11 sparse) or to
        ``opset_min``; see the module docstring for how. IR < 4 models that keep their IR version
        also list the new initializers as graph inputs, as that IR requires.
     4. ``packing``: "bits" bit-packs every code and gap stream (widths other than 8 and 16),
        "bytes" stores them as uint8/uint16, "auto" (default) picks per stream whichever adds fewer
        bytes to the file, decoder nodes included (packing pays from a few hundred values on).
-    5. ``metadata_props[METADATA_KEY]`` holds a JSON object ``{weight: description}`` (merged with
-       an existing one) with format, tag, shape, bits, K, groups, group_axis, sparse, gap_bits,
-       stored, fillers, filler_mode, joint and nonzero (decoded non-zeros), for :func:`analyze`,
-       :func:`decoder_nodes` and report tools.
+    5. ``bundle`` (default True): where the opset is (or becomes) 11 or more, weights share one
+       decoder (:mod:`onnxadmm.export.bundle`) wherever that makes the file smaller
+       (:func:`select_storage`; ``"always"``: all that can); raw values, per-channel codebooks and
+       all-zero weights always get their own.
+    6. ``metadata_props[METADATA_KEY]`` holds a JSON object (merged with an existing one): per
+       weight with its own decoder ``{weight: description}`` with format, tag, shape, bits, K,
+       groups, group_axis, sparse, gap_bits, stored, fillers, filler_mode, joint and nonzero
+       (decoded non-zeros); per bundle ``{tag: entry}`` (see :mod:`onnxadmm.export.bundle`), for
+       :func:`analyze`, :func:`decoder_nodes` and report tools.
     """
+    from . import bundle as bd
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if not encodings:
@@ -1171,9 +1250,6 @@ def apply_storage(
     )
     tags = _free_tags(taken)
     drop_init, drop_sparse = set(), set()
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[TensorProto] = []
-    described = {}
     for name, enc in encodings.items():
         if name in inits:
             t = graph.initializer[inits[name]]
@@ -1188,15 +1264,28 @@ def apply_storage(
                 f"apply_storage: {name!r} is {helper.tensor_dtype_to_np_dtype(dtype)}{list(dims)}, "
                 f"the encoding is {enc.dtype}{list(enc.shape)}"
             )
+    bundles, singles = select_storage(encodings, target, packing, bundle=bundle)
+    builders = []
+    described = {}
+    for names in bundles:
         tag = next(tags)
-        b, layout = _build(enc, name, target, tag, packing)
-        clash = taken & ({o for n in b.nodes for o in n.output} - {name} | set(b.initializers))
-        clash |= taken & {n.name for n in b.nodes}
+        b, entry, _ = bd.build([bd.member(n, encodings[n]) for n in names], target, tag)
+        builders.append(b)
+        described[tag] = entry
+    for name in singles:
+        tag = next(tags)
+        b, layout = _build(encodings[name], name, target, tag, packing)
+        builders.append(b)
+        described[name] = _describe(encodings[name], layout, tag)
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    for b in builders:
+        made = {o for n in b.nodes for o in n.output} - set(encodings)
+        clash = taken & (made | set(b.initializers) | {n.name for n in b.nodes if n.name})
         if clash:
             raise OnnxAdmmError(f"apply_storage: the model already has a tensor named {min(clash)!r}")
         new_nodes.extend(b.nodes)
         new_inits.extend(t for _, t in b.initializers.values())
-        described[name] = _describe(enc, layout, tag)
 
     kept = [t for i, t in enumerate(graph.initializer) if i not in drop_init]
     del graph.initializer[:]
@@ -1254,25 +1343,113 @@ def _node_prefix(weight: str, description: dict) -> str:
     return description.get("tag") or f"{PREFIX}{weight}/"
 
 
+def _weights_meta(meta: dict) -> dict[str, dict]:
+    """``{weight: description}`` of a metadata entry, bundles (``{tag: entry}``) expanded into the
+    descriptions of their members."""
+    from . import bundle as bd
+
+    out = {}
+    for key, d in meta.items():
+        if isinstance(d, dict) and d.get("format") == bd.FORMAT:
+            out.update(bd.expand_meta(key, d))
+        else:
+            out[key] = d
+    return out
+
+
+def _is_bundled(description: dict) -> bool:
+    from . import bundle as bd
+
+    return description.get("format") == bd.FORMAT
+
+
+def _owned_nodes(graph: onnx.GraphProto, weight: str, description: dict) -> list[onnx.NodeProto]:
+    """The decoder nodes of ``weight``: named by its tag, or for a bundle (unnamed nodes) every node
+    reading or making a tensor named with the bundle's tag (the bundle's nodes, shared by its members)."""
+    prefix = _node_prefix(weight, description)
+    if _is_bundled(description):
+        return [n for n in graph.node if any(x.startswith(prefix) for x in [*n.input, *n.output])]
+    return [n for n in graph.node if _is_decoder_node(n.name, prefix)]
+
+
 def decoder_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """``{weight: its decoder nodes}`` for every weight :func:`apply_storage` wrote (by the tags in
-    the metadata entry; files from before tags were recorded, by their ``onnxadmm_decode/`` names)."""
-    meta = _read_meta(model)
-    out = {}
-    for weight, d in meta.items():
-        prefix = _node_prefix(weight, d)
-        out[weight] = [n for n in model.graph.node if _is_decoder_node(n.name, prefix)]
-    return out
+    the metadata entry; files from before tags were recorded, by their ``onnxadmm_decode/`` names).
+    The members of a bundle share its nodes."""
+    return {w: _owned_nodes(model.graph, w, d) for w, d in _weights_meta(_read_meta(model)).items()}
 
 
 def _decoder_parts(
     graph: onnx.GraphProto, weight: str, description: dict
 ) -> tuple[list[onnx.NodeProto], dict[str, TensorProto]]:
     """The decoder nodes of ``weight`` and the initializers they read."""
-    prefix = _node_prefix(weight, description)
-    nodes = [n for n in graph.node if _is_decoder_node(n.name, prefix)]
+    nodes = _owned_nodes(graph, weight, description)
     inputs = {i for n in nodes for i in n.input}
     return nodes, {t.name: t for t in graph.initializer if t.name in inputs}
+
+
+def _apportion(total: int, weights: list[float]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (equal parts when they are all 0), in integers
+    that add up to ``total`` (largest remainders)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones(len(weights))
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    rest = int(total - out.sum())
+    out[np.argsort(-(exact - out), kind="stable")[:rest]] += 1
+    return [int(x) for x in out]
+
+
+def _bundle_entries(
+    graph: onnx.GraphProto, tag: str, members: dict[str, dict]
+) -> tuple[dict[str, dict], set[str]]:
+    """analyze's entries of a bundle's members: its payload shared out by each member's code and
+    position bits, each member's codebook, and the decoder's constants, nodes and headers in equal
+    parts; and the names of the bundle's initializers."""
+    names = list(members)
+    nodes, inits = _decoder_parts(graph, names[0], members[names[0]])
+    data = sum(_tensor_nbytes(t) for n, t in inits.items() if n == tag + "data")
+    code_bits = [d["stored"] * d["bits"] for d in members.values()]
+    pos_bits = [
+        math.prod(d["shape"]) if d["region"] == "bitmap" else (d["stored"] + d["fillers"]) * d["gap_bits"]
+        for d in members.values()
+    ]
+    split = _apportion(data, code_bits + pos_bits)
+    graph_bytes = sum(_tensor_nbytes(t) for n, t in inits.items() if n != tag + "data" and not n.startswith(tag + "codebook"))
+    headers = sum(_framed(t.ByteSize()) - _tensor_nbytes(t) for t in inits.values())
+    headers += sum(_framed(n.ByteSize()) for n in nodes)
+    graph_share = _apportion(graph_bytes, [0] * len(names))
+    node_share = _apportion(headers, [0] * len(names))
+    out = {}
+    for i, (name, d) in enumerate(members.items()):
+        book = inits.get(f"{tag}codebook{i}")
+        parts = {
+            "codes": split[i],
+            "positions": split[len(names) + i],
+            "codebook": _tensor_nbytes(book) if book is not None else 0,
+            "graph": graph_share[i],
+        }
+        parts["total"] = sum(parts.values())
+        parts["nodes"] = node_share[i]
+        out[name] = {
+            "name": name,
+            "storage": "codebook",
+            "shape": d["shape"],
+            "params": math.prod(d["shape"]),
+            "nonzero": d["nonzero"],
+            "bits": d["bits"],
+            "raw": False,
+            "stored": d["stored"],
+            "K": d["K"],
+            "groups": d["groups"],
+            "sparse": d["sparse"],
+            "gap_bits": d["gap_bits"],
+            "fillers": d["fillers"],
+            "region": d["region"],
+            "bytes": parts,
+        }
+    return out, set(inits)
 
 
 def analyze(model: onnx.ModelProto) -> dict[str, dict]:
@@ -1288,10 +1465,22 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
     Tensors in external data are counted by their ``length`` (or element count) and need not be
     loaded (their ``nonzero`` is then ``params``).
     """
+    from . import bundle as bd
+
     graph = model.graph
-    meta = _read_meta(model, warn=True)
+    raw_meta = _read_meta(model, warn=True)
     result: dict[str, dict] = {}
     owned: set[str] = set()
+    for tag, entry in raw_meta.items():
+        if isinstance(entry, dict) and entry.get("format") == bd.FORMAT:
+            members = bd.expand_meta(tag, entry)
+            if not _owned_nodes(graph, next(iter(members)), next(iter(members.values()))):
+                log.warning("%s lists bundle %r but the model has no decoder for it", METADATA_KEY, tag)
+                continue
+            entries, inits = _bundle_entries(graph, tag, members)
+            result.update(entries)
+            owned |= inits
+    meta = {k: d for k, d in raw_meta.items() if not (isinstance(d, dict) and d.get("format") == bd.FORMAT)}
     for name, d in meta.items():
         nodes, inits = _decoder_parts(graph, name, d)
         if not nodes:
@@ -1351,15 +1540,21 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     initializers again: each weight's decoder is run once by onnxruntime, its nodes and constants
     are removed and the decoded tensor takes the weight's name, so a compressed model can be
     imported and compressed further. The metadata entry goes; a model without one is returned as is."""
-    meta = _read_meta(model)
+    raw_meta = _read_meta(model)
+    meta = _weights_meta(raw_meta)
     parts = {name: _decoder_parts(model.graph, name, d) for name, d in meta.items()}
     parts = {name: v for name, v in parts.items() if v[0]}
     if not parts:
         return model
     import onnxruntime as ort
 
-    nodes = [n for v in parts.values() for n in v[0]]
-    inits = [t for v in parts.values() for t in v[1].values()]
+    nodes, seen = [], set()
+    for v in parts.values():  # the members of a bundle share its nodes
+        for n in v[0]:
+            if id(n) not in seen:
+                seen.add(id(n))
+                nodes.append(n)
+    inits = list({t.name: t for v in parts.values() for t in v[1].values()}.values())
     sub = helper.make_model(
         helper.make_graph(nodes, "decode", [], [], inits), opset_imports=list(model.opset_import)
     )
@@ -1375,9 +1570,9 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    drop_nodes = {n.name for n in nodes}
+    drop_nodes = {(n.name, tuple(n.output)) for n in nodes}
     drop_inits = {t.name for t in inits}
-    kept = [n for n in g.node if n.name not in drop_nodes]
+    kept = [n for n in g.node if (n.name, tuple(n.output)) not in drop_nodes]
     del g.node[:]
     g.node.extend(kept)
     kept_inits = [t for t in g.initializer if t.name not in drop_inits]
@@ -1391,7 +1586,12 @@ def expand_storage(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
             for n, v in values.items()
         )
-    _write_meta(out, {k: v for k, v in meta.items() if k not in parts})
+    left = {}
+    for key, d in raw_meta.items():  # entries of weights not expanded (no decoder found) stay
+        names = set(_weights_meta({key: d}))
+        if not names & set(parts):
+            left[key] = d
+    _write_meta(out, left)
     return out
 
 
@@ -1419,5 +1619,13 @@ def unfolded_decode_nodes(
         so.optimized_model_filepath = path
         ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
         optimized = onnx.load(path, load_external_data=False)
-    prefixes = [_node_prefix(w, d) for w, d in _read_meta(model).items()]
-    return [n.name for n in optimized.graph.node if any(_is_decoder_node(n.name, p) for p in prefixes)]
+    meta = _weights_meta(_read_meta(model))
+    prefixes = [_node_prefix(w, d) for w, d in meta.items() if not _is_bundled(d)]
+    tags = {d["tag"] for d in meta.values() if _is_bundled(d)}
+    left = []
+    for n in optimized.graph.node:
+        if any(_is_decoder_node(n.name, p) for p in prefixes):
+            left.append(n.name)
+        elif any(x.startswith(t) for t in tags for x in [*n.input, *n.output]):
+            left.append(n.name or f"{n.op_type}({', '.join(n.output)})")
+    return left

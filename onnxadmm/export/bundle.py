@@ -1,0 +1,352 @@
+"""Several compressed weights decoded by one shared chain of ONNX ops (storage format 7, a *bundle*).
+
+:mod:`onnxadmm.export.storage` gives every compressed weight its own decoder: a few hundred bytes of
+nodes and constants each, and ~550 more for each bit-packed stream. In a small model that outweighs
+the weights (LeNet-5 pruned 250x and quantized to 3 bits holds ~1,700 bytes of codes and positions
+and spent ~1,600 more on four decoders) and it makes the per-weight planner store small streams as
+whole bytes and small layers as plain floats. A bundle stores the weights that share a code width
+and a dtype with one decoder:
+
+- one ``uint8`` payload, a bit stream (bit ``t`` is bit ``t % 8`` of byte ``t // 8``) holding, one
+  after the other: the *codes* (``bits`` bits each, least significant bit first), the *bitmap* (one
+  bit per element of the members in the bitmap region) and the *gaps* (``r`` bits each);
+- one codebook per member, ``[0, v_1, ..., v_K]``: code 0 is the zero, codes ``1..K`` the weight's
+  non-zero values (``bits = ceil(log2(K + 1))``, shared by the bundle's members);
+- each member in one of three regions of a virtual vector ``V`` (dense members first, then bitmap,
+  then gaps members): *dense* (a code for every element, zeros included), *bitmap* (a bit per
+  element, 1 where a non-zero code follows: pays from densities of about 1/5 to 1/2) or *gaps*
+  (relative positions: a code per non-zero element and an ``r``-bit entry counting the zeros skipped
+  before it, ``0 .. 2**r - 2``; the entry ``2**r - 1`` is a *filler* that skips that many zeros and
+  has no code). The planner picks every member's region and the gap width for the fewest bytes.
+
+Decoder (nodes unnamed; every tensor it makes starts with the bundle's tag ``_oa<i>/``): ``Cast``
+the payload to int32, ``Reshape`` to ``[n, 1]``, ``Div`` by ``2**[0..7]``, ``Mod 2``, ``Reshape``
+to bits, ``Split`` into the streams, and for codes and gaps ``Reshape`` to ``[count, width]`` and
+``MatMul`` by ``2**[0..width)``. The *mask* is 1 for each slot that has a code (every dense
+element, the bitmap's bits, the gap entries that are not fillers: ``Less(gap, 2**r - 1)``); slot
+``i`` takes code ``Gather(codes, CumSum(mask)[i]) * mask[i]`` (the code stream starts with one
+unused code, so no ``- 1`` is needed, and masked slots get code 0). The gap entries' positions are
+``CumSum`` of their advances (``gap + 1``, or ``2**r - 1`` for a filler) after the dense and bitmap
+regions, and ``ScatterElements`` places all slots into zeros. ``Split`` cuts ``V`` into the
+members; each is ``Reshape``-d to its shape and looked up in its codebook with ``Gather``, whose
+output carries the weight's name (a ``Cast`` after it for float16 codebooks of float32 weights).
+Every input is a constant, so onnxruntime folds the chain at load; needs opset 11.
+
+The ``onnxadmm.storage`` metadata holds one entry for the bundle, under its tag: ``format`` =
+:data:`FORMAT`, ``bits``, ``gap_bits`` and ``members``: per member ``[name, region, shape, K,
+stored, fillers, nonzero]``; :func:`expand_meta` turns it into per-weight descriptions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import OnnxAdmmError
+from . import storage as st
+
+FORMAT = "onnxadmm-bundle-1"
+OPSET = 11  # CumSum-11, ScatterElements-11 (Less-9 and MatMul-9 on int32, ConstantOfShape-9)
+_REGIONS = ("dense", "bitmap", "gaps")
+#: Bundles whose payload would exceed this many bits are not made: the decoder unpacks bit by bit
+#: (an int32 per bit at load time), which pays for small models, not for big ones.
+MAX_BITS = 2**25
+
+
+@dataclass
+class Member:
+    """A weight as codes into ``[0, v_1, .., v_K]``: ``codes`` for every element (0 for a zero)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    levels: np.ndarray  # float32 [K], the non-zero values, sorted
+    codes: np.ndarray  # int64 [size]
+
+    @property
+    def size(self) -> int:
+        return int(self.codes.size)
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.levels.size + 1)))
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.flatnonzero(self.codes)
+
+    @property
+    def skips(self) -> np.ndarray:
+        """Zeros before each non-zero element (the first counts from position -1)."""
+        if not hasattr(self, "_skips"):
+            self._skips = st._skips(self.positions)
+        return self._skips
+
+
+def member(name: str, enc: st.Encoded) -> Member | None:
+    """``enc`` as a bundle member (None where it cannot be one: raw values, per-channel codebooks,
+    no non-zero element)."""
+    if enc.raw or enc.groups != 1 or enc.size == 0:
+        return None
+    w = st.decode(enc).reshape(-1).astype(np.float32) + 0.0  # -0.0 folds into 0.0
+    levels = np.unique(w[w != 0])
+    if not levels.size:
+        return None
+    codes = np.zeros(w.size, dtype=np.int64)
+    nz = w != 0
+    codes[nz] = np.searchsorted(levels, w[nz]) + 1
+    return Member(name, enc.shape, enc.dtype, levels, codes)
+
+
+def bundle_key(m: Member) -> str:
+    """Members with one key can share a bundle (their codes take the widest member's bits)."""
+    return m.dtype.str
+
+
+def _payload_bits(m: Member, region: str, bits: int, r: int) -> float:
+    nnz = m.skips.size
+    if region == "dense":
+        return m.size * bits
+    if region == "bitmap":
+        return m.size + nnz * bits
+    if not r:
+        return math.inf
+    return (nnz + int((m.skips // (2**r - 1)).sum())) * r + nnz * bits
+
+
+@dataclass
+class _Plan:
+    members: list[Member]
+    regions: dict[str, str]
+    bits: int
+    gap_bits: int  # 0: no member in the gaps region
+
+
+def _plans(members: list[Member], bits: int) -> list[tuple[float, _Plan]]:
+    """Candidate layouts, best payload first: each gap width, each member in its cheapest region."""
+    out = []
+    for r in range(0, 17):
+        for allowed in (_REGIONS, ("dense", "gaps"), ("dense", "bitmap"), ("dense",)):
+            if ("gaps" in allowed) != bool(r):
+                continue
+            regions, payload = {}, 0.0
+            for m in members:
+                cost, region = min((_payload_bits(m, reg, bits, r), reg) for reg in allowed)
+                regions[m.name] = region
+                payload += cost
+            if ("gaps" in regions.values()) != bool(r):
+                continue
+            out.append((payload, _Plan(members, regions, bits, r)))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def _table(m: Member) -> np.ndarray:
+    """The member's codebook as stored: float16 when the weight is float16 or float16 is exact."""
+    flat = np.concatenate([[0.0], m.levels]).astype(np.float32)
+    if m.dtype == np.float16:
+        return flat.astype(np.float16)
+    with np.errstate(over="ignore"):
+        half = flat.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), flat) else flat
+
+
+def _bit_stream(values: np.ndarray, width: int) -> np.ndarray:
+    """``values`` as ``width`` bits each, least significant first (uint8 0/1)."""
+    v = np.asarray(values, dtype=np.uint32)
+    return ((v[:, None] >> np.arange(width, dtype=np.uint32)) & 1).astype(np.uint8).reshape(-1)
+
+
+class _Nodes(st._Builder):
+    """A :class:`~onnxadmm.export.storage._Builder` whose nodes have no names (the tag on their
+    tensors identifies them)."""
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        value = output or self._name()
+        self.nodes.append(helper.make_node(op_type, inputs, [value], **attrs))
+        return value
+
+    def multi(self, op_type: str, inputs: list[str], outputs: list[str | None], **attrs) -> list[str]:
+        outs = [o or self._name() for o in outputs]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs
+
+    def split(self, x: str, sizes: list[int], outputs: list[str | None]) -> list[str]:
+        if len(sizes) == 1:
+            return [x]
+        if self.opset >= 13:
+            return self.multi("Split", [x, self.i64(sizes)], outputs, axis=0)
+        return self.multi("Split", [x], outputs, axis=0, split=sizes)
+
+
+def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
+    """The shared decoder of ``plan`` (its outputs named after the members) and its metadata entry."""
+    b = _Nodes(opset, tag)
+    bits, r = plan.bits, plan.gap_bits
+    order = [m for reg in _REGIONS for m in plan.members if plan.regions[m.name] == reg]
+    region = [plan.regions[m.name] for m in order]
+    sizes = [m.size for m in order]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    n_total = int(sum(sizes))
+    n_dense = sum(s for s, reg in zip(sizes, region) if reg == "dense")
+    base = n_dense + sum(s for s, reg in zip(sizes, region) if reg == "bitmap")
+    masked = base > n_dense or bool(r)
+
+    codes = [np.zeros(1 if masked else 0, np.int64)]  # one unused code first: CumSum(mask) indexes it
+    bitmap, gap_pos, stored, fillers = [], [], [], []
+    for i, (m, reg) in enumerate(zip(order, region)):
+        nz = m.codes != 0
+        codes.append(m.codes if reg == "dense" else m.codes[nz])
+        stored.append(m.size if reg == "dense" else int(nz.sum()))
+        if reg == "bitmap":
+            bitmap.append(nz.astype(np.int64))
+        if reg == "gaps":
+            gap_pos.append(starts[i] - base + np.flatnonzero(nz))
+    codes = np.concatenate(codes)
+    gaps = np.zeros(0, np.int64)
+    if r:
+        filler = 2**r - 1
+        pos = np.concatenate(gap_pos)
+        skips = np.diff(pos, prepend=-1) - 1
+        nfill = skips // filler
+        gaps = np.full(pos.size + int(nfill.sum()), filler, dtype=np.int64)
+        real_at = np.cumsum(nfill + 1) - 1
+        gaps[real_at] = skips - nfill * filler
+        # a member's fillers: those before its first element, up to the previous member's last
+        bounds = np.cumsum([p.size for p in gap_pos])
+        for n_before, k in zip(np.concatenate([[0], bounds[:-1]]), [p.size for p in gap_pos]):
+            fillers.append(int(nfill[n_before : n_before + k].sum()))
+    fillers = [0] * (len(order) - len(fillers)) + fillers
+    bitmap = np.concatenate(bitmap) if bitmap else np.zeros(0, np.int64)
+
+    streams = [(codes, bits), (bitmap, 1), (gaps, r)]
+    stream_bits = [np.concatenate([_bit_stream(v, w) for v, w in streams if v.size])]
+    nbits = int(stream_bits[0].size)
+    payload = np.packbits(np.concatenate(stream_bits + [np.zeros(-nbits % 8, np.uint8)]), bitorder="little")
+    i32 = TensorProto.INT32
+
+    # bits of the payload
+    x = b.op("Cast", [b.payload("data", payload)], to=i32)
+    x = b.op("Reshape", [x, b.i64([-1, 1])])
+    x = b.op("Mod", [b.op("Div", [x, b.i32([2**k for k in range(8)])]), b.i32(2)])
+    x = b.op("Reshape", [x, b.i64([-1])])
+    lengths = [v.size * w for v, w in streams if v.size]
+    if payload.size * 8 > nbits:
+        lengths.append(payload.size * 8 - nbits)
+    parts = iter(b.split(x, lengths, [None] * len(lengths)))
+
+    def values_of(count: int, width: int) -> str:
+        part = next(parts)
+        if width == 1:
+            return part
+        part = b.op("Reshape", [part, b.i64([count, width])])
+        return b.op("MatMul", [part, b.i32([2**k for k in range(width)])])
+
+    code_of = values_of(codes.size, bits)
+    ones_cache: dict[int, str] = {}
+
+    def ones(n: int) -> str:
+        if n not in ones_cache:
+            one = numpy_helper.from_array(np.ones(1, np.int32))
+            ones_cache[n] = b.op("ConstantOfShape", [b.i64([n])], value=one)
+        return ones_cache[n]
+
+    idx = code_of
+    pos = None
+    if masked:
+        mask_parts = [ones(n_dense)] if n_dense else []
+        if bitmap.size:
+            mask_parts.append(values_of(bitmap.size, 1))
+        if r:
+            g = values_of(gaps.size, r)
+            real = b.op("Cast", [b.op("Less", [g, b.i32(2**r - 1)])], to=i32)
+            mask_parts.append(real)
+            adv = b.op("Add", [g, real])  # gap + 1 for an element, 2**r - 1 for a filler
+            if base:
+                adv = b.op("Concat", [ones(base), adv], axis=0)
+            pos = b.op("Sub", [b.op("CumSum", [adv, b.i32(0)]), b.i32(1)])
+        mask = mask_parts[0] if len(mask_parts) == 1 else b.op("Concat", mask_parts, axis=0)
+        idx = b.op("Mul", [b.op("Gather", [code_of, b.op("CumSum", [mask, b.i32(0)])], axis=0), mask])
+    if pos is not None:
+        zero = numpy_helper.from_array(np.zeros(1, np.int32))
+        idx = b.op("ScatterElements", [b.op("ConstantOfShape", [b.i64([n_total])], value=zero), pos, idx], axis=0)
+    pieces = b.split(idx, sizes, [None] * len(order))
+    members = []
+    for i, (m, reg, piece) in enumerate(zip(order, region, pieces)):
+        if len(m.shape) != 1:
+            piece = b.op("Reshape", [piece, b.i64(list(m.shape))])
+        table = _table(m)
+        cast = table.dtype != m.dtype
+        b.initializers[b.tag + f"codebook{i}"] = (
+            "codebook",
+            numpy_helper.from_array(table, b.tag + f"codebook{i}"),
+        )
+        out = b.op("Gather", [b.tag + f"codebook{i}", piece], None if cast else m.name, axis=0)
+        if cast:
+            b.op("Cast", [out], m.name, to=st._NP_TO_ONNX[m.dtype])
+        members.append(
+            [m.name, reg, list(m.shape), int(m.levels.size), stored[i], fillers[i], int(np.count_nonzero(m.codes))]
+        )
+    entry = {"format": FORMAT, "bits": bits, "gap_bits": r, "members": members}
+    return b, entry
+
+
+def meta_bytes(tag: str, entry: dict) -> int:
+    """Bytes the bundle's metadata entry adds to the ``onnxadmm.storage`` JSON."""
+    return len(json.dumps({tag: entry}, sort_keys=True, separators=(",", ":")).encode()) - 2
+
+
+def build(
+    members: list[Member], opset: int, tag: str = "_oa0/", plans: int = 4
+) -> tuple[_Nodes, dict, int]:
+    """The cheapest bundle of ``members`` (one :func:`bundle_key`; codes at the widest member's
+    bits): its builder, its metadata entry and the bytes it adds to a file (data, nodes and
+    headers, metadata). The ``plans`` layouts with the smallest payloads are built and measured."""
+    if opset < OPSET:
+        raise OnnxAdmmError(f"a bundle needs opset >= {OPSET}, not {opset}")
+    if len({bundle_key(m) for m in members}) != 1:
+        raise OnnxAdmmError("bundle: every member needs the same dtype")
+    if not all(np.any(m.codes) for m in members):
+        raise OnnxAdmmError("bundle: a member is all zeros")
+    bits = max(m.bits for m in members)
+    if sum(m.skips.size for m in members) * bits > MAX_BITS:  # the codes alone: no plan fits
+        raise OnnxAdmmError(f"bundle: more than {MAX_BITS} bits of payload")
+    best = None
+    for payload, plan in _plans(members, bits)[:plans]:
+        if payload > MAX_BITS:
+            break
+        b, entry = _build(plan, opset, tag)
+        sizes = b.bytes_by_role()
+        cost = sizes["total"] + sizes["nodes"] + meta_bytes(tag, entry)
+        if best is None or cost < best[2]:
+            best = (b, entry, cost)
+    if best is None:
+        raise OnnxAdmmError(f"bundle: more than {MAX_BITS} bits of payload")
+    return best
+
+
+def expand_meta(tag: str, entry: dict) -> dict[str, dict]:
+    """Per-member descriptions (the keys of :func:`onnxadmm.export.storage.analyze`'s entries)."""
+    out = {}
+    for name, region, shape, k, stored, fillers, nonzero in entry["members"]:
+        out[name] = {
+            "format": FORMAT,
+            "tag": tag,
+            "region": region,
+            "shape": shape,
+            "bits": entry["bits"],
+            "raw": False,
+            "K": k,
+            "groups": 1,
+            "group_axis": None,
+            "sparse": region != "dense",
+            "gap_bits": entry["gap_bits"] if region == "gaps" else 0,
+            "stored": stored,
+            "fillers": fillers,
+            "nonzero": nonzero,
+        }
+    return out
