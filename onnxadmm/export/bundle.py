@@ -315,6 +315,8 @@ def build(
     bits = max(m.bits for m in members)
     if sum(m.skips.size for m in members) * bits > MAX_BITS:  # the codes alone: no plan fits
         raise OnnxAdmmError(f"bundle: more than {MAX_BITS} bits of payload")
+    if sum(m.size for m in members) > st._INT32_LIMIT:
+        raise OnnxAdmmError("bundle: more elements than int32 positions address")
     best = None
     for payload, plan in _plans(members, bits)[:plans]:
         if payload > MAX_BITS:
