@@ -3,7 +3,7 @@
 No training: each model's compressible weights are pruned by magnitude with the library's per-layer
 allocation (``allocate``, keep ~ n^0.3) to each rate and rounded to ``bits``-bit symmetric uniform
 levels per tensor (zero included), then written twice with the library's planner
-(``select_storage`` against the plain and COO bytes of each weight, as ``--format auto`` does; the
+(``_select_storage`` against the plain and COO bytes of each weight, as ``--format auto`` does; the
 weights it leaves out are written as COO sparse initializers where smaller, else plain): with
 bundles allowed, and with one decoder per weight (the only form before session 15). Given
 compressed files (``--files``, e.g. the outputs of ``bench_lenet_hybrid.py``) are decoded and
@@ -40,15 +40,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_sparse_storage import SHARED, lenet_path  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
-from onnxadmm.compress.pipeline import _coo_cost, _plain_cost  # noqa: E402
+from onnxadmm.compress.pipeline import _coo_cost, _plain_cost, _select_storage  # noqa: E402
 from onnxadmm.compress.pruning import allocate, topk_mask  # noqa: E402
 from onnxadmm.export.storage import (  # noqa: E402
     analyze,
     apply_storage,
-    default_opset,
     encode_from_values,
     expand_storage,
-    select_storage,
 )
 from onnxadmm.export.writer import export_onnx  # noqa: E402
 from onnxadmm.importer.analysis import find_weights  # noqa: E402
@@ -108,15 +106,9 @@ def write_both(plain: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
         levels = np.unique(w)
         if 1 < levels.size <= 256:
             encodings[n] = encode_from_values(w, levels)
-    opset = max([default_opset(plain)] + [11 for e in encodings.values() if e.sparse])
-    plain_bytes = {
-        n: min(_plain_cost(n, weights[n]), _coo_cost(n, weights[n])) if e.sparse else _plain_cost(n, weights[n])
-        for n, e in encodings.items()
-    }
     out = {}
     for label, bundle in (("bundle", True), ("per weight", False)):
-        bundles, singles = select_storage(encodings, opset, plain=plain_bytes, bundle=bundle)
-        chosen = {n: encodings[n] for n in [*sum(bundles, []), *singles]}
+        chosen = _select_storage("auto", encodings, weights, plain, bundle=bundle)
         # the others as the pipeline writes them: COO sparse initializers where smaller, else plain
         coo = {
             n for n, w in weights.items() if n not in chosen and _coo_cost(n, w) < _plain_cost(n, w)

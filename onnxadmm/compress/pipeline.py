@@ -811,10 +811,13 @@ def _encodings(
     return out
 
 
-def _select_storage(fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto) -> dict:
+def _select_storage(
+    fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto, bundle: bool = True
+) -> dict:
     """With ``auto``, the encodings that make the file smaller (the others' weights stay plain, or
-    COO sparse when pruned): shared decoders (bundles) where the opset allows, else each weight's own
-    decoder against its plain (or COO) bytes. ``codebook`` keeps them all."""
+    COO sparse when pruned): shared decoders (bundles, unless ``bundle`` is False) where the opset
+    allows, else each weight's own decoder against its plain (or COO) bytes. ``codebook`` keeps
+    them all."""
     if fmt != "auto" or not encodings:
         return encodings
     from ..export.storage import default_opset, select_storage
@@ -824,7 +827,7 @@ def _select_storage(fmt: str, encodings: dict, state: dict, proto: onnx.ModelPro
     for n, enc in encodings.items():
         w = np.asarray(state[n])
         plain[n] = min(_plain_cost(n, w), _coo_cost(n, w)) if enc.sparse else _plain_cost(n, w)
-    bundles, singles = select_storage(encodings, opset, plain=plain)
+    bundles, singles = select_storage(encodings, opset, plain=plain, bundle=bundle)
     keep = {n for names in bundles for n in names} | set(singles)
     return {n: e for n, e in encodings.items() if n in keep}
 

@@ -146,13 +146,8 @@ def _plans(members: list[Member], bits: int) -> list[tuple[float, _Plan]]:
 
 
 def _table(m: Member) -> np.ndarray:
-    """The member's codebook as stored: float16 when the weight is float16 or float16 is exact."""
-    flat = np.concatenate([[0.0], m.levels]).astype(np.float32)
-    if m.dtype == np.float16:
-        return flat.astype(np.float16)
-    with np.errstate(over="ignore"):
-        half = flat.astype(np.float16)
-    return half if np.array_equal(half.astype(np.float32), flat) else flat
+    """The member's codebook ``[0, v_1, .., v_K]`` as stored (float16 where exact)."""
+    return st._stored_floats(np.concatenate([[0.0], m.levels]).astype(np.float32), m.dtype)
 
 
 def _bit_stream(values: np.ndarray, width: int) -> np.ndarray:

@@ -809,7 +809,13 @@ def _codebook_array(enc: Encoded, mode: str = "none") -> np.ndarray:
     flat = table.reshape(-1)
     if mode == "marker":
         flat = np.append(flat, np.float32(0))
-    if enc.dtype == np.float16:
+    return _stored_floats(flat, enc.dtype)
+
+
+def _stored_floats(flat: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 ``flat`` as stored for a weight of ``dtype``: float16 when the weight is float16 or
+    every value is exact in float16, else float32."""
+    if dtype == np.float16:
         return flat.astype(np.float16)
     with np.errstate(over="ignore"):
         half = flat.astype(np.float16)
@@ -1401,6 +1407,27 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
     return [int(x) for x in out]
 
 
+def _codebook_entry(name: str, d: dict, parts: dict, **extra) -> dict:
+    """analyze's entry of a weight written by :func:`apply_storage`, from its description ``d``."""
+    return {
+        "name": name,
+        "storage": "codebook",
+        "shape": d["shape"],
+        "params": math.prod(d["shape"]),
+        "nonzero": d["nonzero"],
+        "bits": d["bits"],
+        "raw": d.get("raw", False),
+        "stored": d["stored"],
+        "K": d["K"],
+        "groups": d["groups"],
+        "sparse": d["sparse"],
+        "gap_bits": d["gap_bits"],
+        "fillers": d["fillers"],
+        **extra,
+        "bytes": parts,
+    }
+
+
 def _bundle_entries(
     graph: onnx.GraphProto, tag: str, members: dict[str, dict]
 ) -> tuple[dict[str, dict], set[str]]:
@@ -1432,23 +1459,7 @@ def _bundle_entries(
         }
         parts["total"] = sum(parts.values())
         parts["nodes"] = node_share[i]
-        out[name] = {
-            "name": name,
-            "storage": "codebook",
-            "shape": d["shape"],
-            "params": math.prod(d["shape"]),
-            "nonzero": d["nonzero"],
-            "bits": d["bits"],
-            "raw": False,
-            "stored": d["stored"],
-            "K": d["K"],
-            "groups": d["groups"],
-            "sparse": d["sparse"],
-            "gap_bits": d["gap_bits"],
-            "fillers": d["fillers"],
-            "region": d["region"],
-            "bytes": parts,
-        }
+        out[name] = _codebook_entry(name, d, parts, region=d["region"])
     return out, set(inits)
 
 
@@ -1501,22 +1512,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
         owned |= set(inits)
         parts["total"] = sum(parts.values())
         parts["nodes"] = headers + sum(_framed(n.ByteSize()) for n in nodes)
-        result[name] = {
-            "name": name,
-            "storage": "codebook",
-            "shape": d["shape"],
-            "params": math.prod(d["shape"]),
-            "nonzero": d["nonzero"],
-            "bits": d["bits"],
-            "raw": d.get("raw", False),
-            "stored": d["stored"],
-            "K": d["K"],
-            "groups": d["groups"],
-            "sparse": d["sparse"],
-            "gap_bits": d["gap_bits"],
-            "fillers": d["fillers"],
-            "bytes": parts,
-        }
+        result[name] = _codebook_entry(name, d, parts)
     for t in graph.initializer:
         if t.name not in owned and t.data_type in _FLOATS:
             result[t.name] = _float_entry(t.name, "dense", [t], t.dims, _maybe_values(t))
