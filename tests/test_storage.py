@@ -27,6 +27,20 @@ from onnxadmm.export.storage import (
     unfolded_decode_nodes,
 )
 
+
+def _data_bytes(t: TensorProto) -> int:
+    """Bytes of a tensor's data in the file, measured by protobuf: raw bytes, or the serialized typed
+    field (packed varints for integers) less its tag byte and length prefix."""
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    only = TensorProto()
+    only.CopyFrom(t)
+    for field in ("name", "dims", "data_type"):
+        only.ClearField(field)
+    size = only.ByteSize()
+    return next(n for n in range(size) if 1 + (1 if n < 128 else 2 if n < 16384 else 3) + n == size)
+
+
 SHAPES = {"wc": (8, 3, 3, 3), "wg": (16, 20), "wm": (20, 12)}
 ELEM_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -171,7 +185,7 @@ def test_exact_in_onnxruntime(bits, group_axis, sparse):
     # byte accounting = raw data of the new initializers; codes packed at exactly `bits`
     new = _new_initializers(reference, out)
     sizes = {name: storage_bytes(enc, packing="bits") for name, enc in encodings.items()}
-    assert sum(s["total"] for s in sizes.values()) == sum(len(t.raw_data) for t in new)
+    assert sum(s["total"] for s in sizes.values()) == sum(_data_bytes(t) for t in new)
     meta = json.loads(dict((p.key, p.value) for p in out.metadata_props)[METADATA_KEY])
     for name, enc in encodings.items():
         entries = enc.stored + meta[name]["fillers"]
@@ -217,7 +231,7 @@ def test_smaller_file(tmp_path, bits, sparse, packing):
     assert small_size < dense_size
     new = _new_initializers(reference, out)
     assert sum(storage_bytes(e, packing=packing)["total"] for e in encodings.values()) == sum(
-        len(t.raw_data) for t in new
+        _data_bytes(t) for t in new
     )
 
 
@@ -305,7 +319,7 @@ def test_float16_weights(sparse):
     reference = _model(weights)
     out = apply_storage(reference, encodings, packing="bits")
     _check_exact(reference, out)
-    cb = [t for t in out.graph.initializer if t.name.endswith("/codebook")]
+    cb = [t for t in out.graph.initializer if t.name.endswith("codebook")]
     assert cb and all(t.data_type == TensorProto.FLOAT16 for t in cb)
 
 
@@ -317,7 +331,7 @@ def test_float32_codebook_stored_as_float16_when_exact():
     reference = _model({"wm": w})
     out = apply_storage(reference, {"wm": enc})
     _check_exact(reference, out)
-    (cb,) = [t for t in out.graph.initializer if t.name.endswith("/codebook")]
+    (cb,) = [t for t in out.graph.initializer if t.name.endswith("codebook")]
     assert cb.data_type == TensorProto.FLOAT16
     w2 = w.copy()
     w2[w2 == w2.flat[0]] = np.float32(0.1)  # not a float16 value
@@ -403,6 +417,36 @@ def test_pack_roundtrip():
             assert np.array_equal(st._unpack(packed, width, count), values)
 
 
+@pytest.mark.parametrize(
+    "dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.uint32, np.uint64]
+)
+def test_compact_tensor_roundtrip_and_size(dtype):
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    cases = [
+        np.array([4, 1, 5, 5], dtype),  # a shape: one byte per number as varints
+        np.array(7, dtype),  # a scalar
+        np.array([info.min, info.max, 0], dtype),  # extremes (a negative number takes 10 bytes)
+        rng.integers(info.min, info.max, size=50, dtype=dtype, endpoint=True),
+        np.zeros(0, dtype),
+    ]
+    for a in cases:
+        t = st.compact_tensor(a, "c")
+        back = numpy_helper.to_array(t)
+        assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+        assert st._tensor_nbytes(t) == _data_bytes(t) <= a.nbytes
+        out = helper.make_tensor_value_info("y", t.data_type, None)
+        graph = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "g", [], [out], [t])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+        ref = ReferenceEvaluator(m).run(None, {})[0]
+        for y in (got, ref):
+            assert y.dtype == a.dtype and np.array_equal(y, a)
+    small = st.compact_tensor(np.array([4, 1, 5, 5], dtype), "c")
+    assert st._tensor_nbytes(small) == 4  # one byte a number (raw for 1-byte types, else varints)
+    assert small.HasField("raw_data") == (np.dtype(dtype).itemsize == 1)
+
+
 def test_encode_errors_and_choices():
     w = np.array([[0.5, -0.5], [0.0, 0.25]], np.float32)
     with pytest.raises(OnnxAdmmError, match="not on codebook"):
@@ -480,7 +524,7 @@ def test_analyze_plain_weights_and_metadata_merge():
     wc = np.where(rng.random(SHAPES["wc"]) < 0.5, 0.5, -0.5).astype(np.float32)
     again = apply_storage(out, {"wc": encode_from_values(wc, [-0.5, 0.5])})
     meta = json.loads(dict((p.key, p.value) for p in again.metadata_props)[METADATA_KEY])
-    assert set(meta) == {"wg", "wc"}
+    assert set(st._weights_meta(meta)) == {"wg", "wc"}
     assert {w for w, v in st.decoder_nodes(again).items() if v} == {"wg", "wc"}
     feeds = _feeds(again)
     assert np.array_equal(_run(again, feeds)[0], _run(_model({"wc": wc}), {"x1": feeds["x1"]})[0])
@@ -514,10 +558,12 @@ def test_unfolded_decode_nodes_reports_what_stays():
     """The folding check can fail: a decoder whose input may be overridden is not folded."""
     rng = np.random.default_rng(14)
     w, codebook = _quantized(rng, SHAPES["wm"], 2, None, False)
-    out = apply_storage(_model({"wm": w}), {"wm": encode_from_values(w, codebook)})
-    (codes,) = [t for t in out.graph.initializer if t.name.endswith("/codes")]
-    out.graph.input.append(helper.make_tensor_value_info(codes.name, codes.data_type, list(codes.dims)))
-    assert unfolded_decode_nodes(out)
+    for bundle in (False, "always"):
+        out = apply_storage(_model({"wm": w}), {"wm": encode_from_values(w, codebook)}, bundle=bundle)
+        assert not unfolded_decode_nodes(out)
+        (codes,) = [t for t in out.graph.initializer if t.name.endswith(("codes", "data"))]
+        out.graph.input.append(helper.make_tensor_value_info(codes.name, codes.data_type, list(codes.dims)))
+        assert unfolded_decode_nodes(out)
 
 
 @pytest.mark.slow
@@ -709,9 +755,15 @@ def test_decoders_of_files_written_before_tags():
     tag = meta["wg"].pop("tag")
     old = onnx.ModelProto()
     old.CopyFrom(new)
+    def rename(x: str) -> str:  # the names of those files: onnxadmm_decode/wg/<i>, .../codes
+        return f"{st.PREFIX}wg/{x[len(tag):]}" if x.startswith(tag) else x
+
     for n in old.graph.node:
-        if n.name.startswith(tag):
-            n.name = f"{st.PREFIX}wg/{n.name[len(tag):]}"
+        n.name = rename(n.name)
+        n.input[:] = [rename(x) for x in n.input]
+        n.output[:] = [rename(x) for x in n.output]
+    for t in old.graph.initializer:
+        t.name = rename(t.name)
     for p in old.metadata_props:
         if p.key == METADATA_KEY:
             p.value = json.dumps(meta)
@@ -731,11 +783,12 @@ def test_decoders_of_files_written_before_tags():
 BUNDLE_LAYERS = {"c1": ((4, 1, 5, 5), 0.8), "c2": ((11, 4, 5, 5), 0.33), "f1": ((107, 176), 0.045), "f2": ((10, 107), 0.35)}
 
 
-def _bundle_weights(rng, bits, dtype=np.float32, layers=BUNDLE_LAYERS):
-    """Weights on 2**bits - 1 non-zero levels each (plus 0), at the densities of ``layers``."""
+def _bundle_weights(rng, bits, dtype=np.float32, layers=BUNDLE_LAYERS, k=None):
+    """Weights on ``k`` (default 2**bits - 1) non-zero levels each (plus 0), at the densities of ``layers``."""
     weights, encodings = {}, {}
+    k = k or 2**bits - 1
     for name, (shape, density) in layers.items():
-        levels = (rng.uniform(0.1, 1.0, 2**bits - 1) * rng.choice([-1, 1], 2**bits - 1)).astype(dtype)
+        levels = (rng.uniform(0.1, 1.0, k) * rng.choice([-1, 1], k)).astype(dtype)
         w = levels[rng.integers(0, levels.size, shape)]
         keep = rng.random(shape) < density
         keep.flat[rng.integers(w.size)] = True
@@ -777,10 +830,9 @@ def test_bundle_exact_in_onnxruntime(bits, dtype, opset):
     _check_exact(reference, out)
     (tag, entry), = _bundle_entries(out).items()
     assert {m[0] for m in entry["members"]} == set(weights)
-    assert entry["bits"] == max(1, bits)
+    assert entry["bits"] <= max(1, bits)  # (codes 1..K stored less 1 where no member is dense)
     regions = {m[0]: m[1] for m in entry["members"]}
-    assert regions["f1"] == "gaps" and (regions["c1"] == "dense" or bits == 8)  # 80% dense
-    assert ("bitmap" in regions.values()) == (bits >= 3)  # 1 + 0.35 * bits bits per element, well below bits
+    assert regions["f1"] == "gaps"  # 4.5% dense
     assert all(not n.name for n in out.graph.node if n.output[0].startswith(tag) or n.output[0] in weights)
 
     # onnx's reference evaluator decodes the same tensors from the shared nodes
@@ -802,7 +854,7 @@ def test_bundle_exact_in_onnxruntime(bits, dtype, opset):
         assert e["storage"] == "codebook" and e["nonzero"] == np.count_nonzero(w) and e["bits"] == entry["bits"]
         assert e["K"] == np.unique(w[w != 0]).size and e["region"] == regions[name]
     new = _new_initializers(reference, out)
-    assert sum(report[n]["bytes"]["total"] for n in weights) == sum(len(t.raw_data) for t in new)
+    assert sum(report[n]["bytes"]["total"] for n in weights) == sum(_data_bytes(t) for t in new)
     stripped = onnx.ModelProto()
     stripped.CopyFrom(out)
     keep_nodes = [n for n in stripped.graph.node if n.name.startswith("add_")]
@@ -824,6 +876,70 @@ def test_bundle_exact_in_onnxruntime(bits, dtype, opset):
     assert METADATA_KEY not in {p.key for p in plain.metadata_props}
 
 
+def _payload_bits(entry: dict) -> int:
+    """Bits of a bundle's payload from its metadata: the codes (one unused code first where a
+    member is not dense; ``g`` codes to a ``w``-bit number with a radix), a bit per bitmap element,
+    ``gap_bits`` per gap entry (fillers included)."""
+    members = entry["members"]
+    n_codes = sum(m[4] for m in members) + any(m[1] != "dense" for m in members)
+    _, g, w = entry.get("radix", [0, 1, entry["bits"]])
+    bits = -(-n_codes // g) * w
+    bits += sum(math.prod(m[2]) for m in members if m[1] == "bitmap")
+    return bits + sum((m[4] + m[5]) * entry["gap_bits"] for m in members if m[1] == "gaps")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6, 7, 14])
+def test_bundle_every_layout_exact(k):
+    """Every layout the planner can pick (each region mix; codes 0..K, or 1..K stored less 1; bit
+    fields or several codes to a base-(K+1)/base-K number) decodes exactly, in onnxruntime and in
+    onnx's reference evaluator, with the payload size its metadata implies."""
+    from onnxadmm.export import bundle as bd
+
+    rng = np.random.default_rng(k)
+    weights, encodings = _bundle_weights(rng, 0, k=k)
+    members = [bd.member(n, e) for n, e in encodings.items()]
+    seen = {}
+    for _, plan in bd._plans(members):
+        key = (plan.family, frozenset(plan.regions.values()))
+        if key in seen:
+            continue
+        b, entry = bd._build(plan, 13, "_T")
+        seen[key] = entry
+        inits = [t for _, t in b.initializers.values()]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(w.shape)) for n, w in weights.items()]
+        model = helper.make_model(
+            helper.make_graph(b.nodes, "d", [], outs, inits), opset_imports=[helper.make_opsetid("", 13)]
+        )
+        onnx.checker.check_model(model, full_check=True)
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+        ref = ReferenceEvaluator(model).run(None, {})
+        for name, a, r in zip(weights, got, ref):
+            assert np.array_equal(a, weights[name]) and np.array_equal(r, weights[name]), (key, name)
+        (data,) = [t for t in inits if t.name == "_Tdata"]
+        assert st._tensor_nbytes(data) == -(-_payload_bits(entry) // 8)
+        assert entry["bits"] == max(1, (k - 1 if entry.get("shift") else k).bit_length())
+        radix = bd.radix(k if entry.get("shift") else k + 1)
+        assert entry.get("radix", [0, 1, 0])[1] == (radix[0] if plan.grouped else 1)
+    families = {f for f, _ in seen}
+    regions = set().union(*(r for _, r in seen))
+    assert regions == {"dense", "bitmap", "gaps"}
+    assert (False, False) in families and (True, False) in families
+    assert ((False, True) in families) == (bd.radix(k + 1)[0] > 1)
+    assert ((True, True) in families) == (bd.radix(k)[0] > 1)
+
+
+def test_radix():
+    from onnxadmm.export.bundle import radix
+
+    assert radix(6) == (5, 13) and radix(3) == (17, 27) and radix(7) == (11, 31)
+    assert radix(8) == (1, 3) and radix(2) == (1, 1) and radix(1) == (1, 1)
+    for a in range(2, 300):
+        g, w = radix(a)
+        assert w <= 31 and a**g <= 2**w < 2 * a**g  # the fewest bits holding g codes
+        assert g == 1 or w / g < (a - 1).bit_length()  # grouping only where it saves bits
+        assert w / g <= min((a**h - 1).bit_length() / h for h in range(1, 9) if a**h < 2**31)
+
+
 def test_bundle_smaller_than_one_decoder_per_weight(tmp_path):
     """LeNet-5's layers after filter pruning and pruning + 3 bits inside them (~1,700 non-zeros):
     one shared decoder takes less room than four, every stream bit-packed, and the weights' bytes
@@ -837,16 +953,11 @@ def test_bundle_smaller_than_one_decoder_per_weight(tmp_path):
     assert _bundle_entries(bundled) and not _bundle_entries(singles)
     assert singles.ByteSize() - bundled.ByteSize() > 500  # ~5.3 KB -> ~4.6 KB
     (_, entry), = _bundle_entries(bundled).items()
-    assert {m[1] for m in entry["members"]} == {"dense", "bitmap", "gaps"}
     a, b = analyze(bundled), analyze(singles)
     assert sum(a[n]["bytes"]["total"] for n in weights) < sum(b[n]["bytes"]["total"] for n in weights)
-    # payload: codes at 3 bits, a bit per bitmap element, r bits per gap entry, one unused code
-    bits = {m[0]: m for m in entry["members"]}
-    payload_bits = 3 * (1 + sum(m[4] for m in entry["members"]))
-    payload_bits += sum(math.prod(m[2]) for m in entry["members"] if m[1] == "bitmap")
-    payload_bits += sum((m[4] + m[5]) * entry["gap_bits"] for m in entry["members"] if m[1] == "gaps")
-    assert sum(a[n]["bytes"]["codes"] + a[n]["bytes"]["positions"] for n in weights) == math.ceil(payload_bits / 8)
-    assert bits["f1"][1] == "gaps" and bits["c1"][1] == "dense"
+    payload = sum(a[n]["bytes"]["codes"] + a[n]["bytes"]["positions"] for n in weights)
+    assert payload == math.ceil(_payload_bits(entry) / 8)
+    assert {m[0]: m[1] for m in entry["members"]}["f1"] == "gaps"
 
 
 def test_bundle_leaves_out_what_does_not_pay():

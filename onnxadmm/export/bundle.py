@@ -19,7 +19,7 @@ and a dtype with one decoder:
   before it, ``0 .. 2**r - 2``; the entry ``2**r - 1`` is a *filler* that skips that many zeros and
   has no code). The planner picks every member's region and the gap width for the fewest bytes.
 
-Decoder (nodes unnamed; every tensor it makes starts with the bundle's tag ``_oa<i>/``): ``Cast``
+Decoder (nodes unnamed; every tensor it makes starts with the bundle's tag, such as ``_A``): ``Cast``
 the payload to int32, ``Reshape`` to ``[n, 1]``, ``Div`` by ``2**[0..7]``, ``Mod 2``, ``Reshape``
 to bits, ``Split`` into the streams, and for codes and gaps ``Reshape`` to ``[count, width]`` and
 ``MatMul`` by ``2**[0..width)``. The *mask* is 1 for each slot that has a code (every dense
@@ -107,7 +107,23 @@ def bundle_key(m: Member) -> str:
     return m.dtype.str
 
 
-def _payload_bits(m: Member, region: str, bits: int, r: int) -> float:
+def radix(alphabet: int) -> tuple[int, int]:
+    """``(g, w)``: codes of ``alphabet`` symbols are stored ``g`` to a ``w``-bit number in base
+    ``alphabet`` (``w <= 31``: int32 arithmetic), the fewest bits per code (then the smallest
+    ``g``). ``g == 1`` for a power of two. For 6 symbols (3-bit levels without the zero) 5 codes
+    take 13 bits: 2.6 bits a code instead of 3; for 3 symbols (ternary) 1.6 instead of 2."""
+    alphabet = max(alphabet, 2)
+    best = (1, (alphabet - 1).bit_length())
+    for g in range(2, 32):
+        w = (alphabet**g - 1).bit_length()
+        if w > 31:
+            break
+        if w * best[0] < best[1] * g:
+            best = (g, w)
+    return best
+
+
+def _payload_bits(m: Member, region: str, bits: float, r: int) -> float:
     nnz = m.skips.size
     if region == "dense":
         return m.size * bits
@@ -122,32 +138,59 @@ def _payload_bits(m: Member, region: str, bits: int, r: int) -> float:
 class _Plan:
     members: list[Member]
     regions: dict[str, str]
-    bits: int
+    alphabet: int  # symbols of the code stream
+    shift: bool  # codes stored less 1 (no member is dense: no code 0 to store)
+    grouped: bool  # codes stored in base ``alphabet``, several to a number (see radix)
     gap_bits: int  # 0: no member in the gaps region
 
+    @property
+    def bits(self) -> int:
+        return max(1, (self.alphabet - 1).bit_length())
 
-def _plans(members: list[Member], bits: int) -> list[tuple[float, _Plan]]:
-    """Candidate layouts, best payload first: each gap width, each member in its cheapest region."""
+    @property
+    def radix(self) -> tuple[int, int]:
+        """(codes per number, bits per number)."""
+        return radix(self.alphabet) if self.grouped else (1, self.bits)
+
+    @property
+    def family(self) -> tuple[bool, bool]:
+        return self.shift, self.radix[0] > 1
+
+
+def _plans(members: list[Member]) -> list[tuple[float, _Plan]]:
+    """Candidate layouts, best payload first: each gap width, each member in its cheapest region;
+    codes ``0..K`` where a member may be dense, else ``1..K`` stored less 1 (``K`` symbols)."""
+    kmax = max(m.levels.size for m in members)
     out = []
-    for r in range(0, 17):
-        for allowed in (_REGIONS, ("dense", "gaps"), ("dense", "bitmap"), ("dense",)):
-            if ("gaps" in allowed) != bool(r):
-                continue
-            regions, payload = {}, 0.0
-            for m in members:
-                cost, region = min((_payload_bits(m, reg, bits, r), reg) for reg in allowed)
-                regions[m.name] = region
-                payload += cost
-            if ("gaps" in regions.values()) != bool(r):
-                continue
-            out.append((payload, _Plan(members, regions, bits, r)))
+    for shift, grouped in ((False, False), (False, True), (True, False), (True, True)):
+        alphabet = kmax if shift else kmax + 1
+        g, w = radix(alphabet)
+        if grouped and g == 1:
+            continue
+        rate = w / g if grouped else max(1, (alphabet - 1).bit_length())
+        for r in range(0, 17):
+            for allowed in (
+                (("bitmap", "gaps"), ("gaps",), ("bitmap",))
+                if shift
+                else (_REGIONS, ("dense", "gaps"), ("dense", "bitmap"), ("dense",))
+            ):
+                if ("gaps" in allowed) != bool(r):
+                    continue
+                regions, payload = {}, 0.0
+                for m in members:
+                    cost, region = min((_payload_bits(m, reg, rate, r), reg) for reg in allowed)
+                    regions[m.name] = region
+                    payload += cost
+                if ("gaps" in regions.values()) != bool(r):
+                    continue
+                out.append((payload, _Plan(members, regions, alphabet, shift, grouped, r)))
     out.sort(key=lambda t: t[0])
     return out
 
 
 def _table(m: Member) -> np.ndarray:
-    """The member's codebook ``[0, v_1, .., v_K]`` as stored (float16 where exact)."""
-    return st._stored_floats(np.concatenate([[0.0], m.levels]).astype(np.float32), m.dtype)
+    """The member's codebook ``[0, v_1, .., v_K]`` (float32)."""
+    return np.concatenate([[0.0], m.levels]).astype(np.float32)
 
 
 def _bit_stream(values: np.ndarray, width: int) -> np.ndarray:
@@ -182,6 +225,7 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
     """The shared decoder of ``plan`` (its outputs named after the members) and its metadata entry."""
     b = _Nodes(opset, tag)
     bits, r = plan.bits, plan.gap_bits
+    per, cbits = plan.radix  # codes per number, bits per number
     order = [m for reg in _REGIONS for m in plan.members if plan.regions[m.name] == reg]
     region = [plan.regions[m.name] for m in order]
     sizes = [m.size for m in order]
@@ -202,6 +246,12 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
         if reg == "gaps":
             gap_pos.append(starts[i] - base + np.flatnonzero(nz))
     codes = np.concatenate(codes)
+    if plan.shift:
+        codes = np.maximum(codes - 1, 0)  # (the unused first code stays 0)
+    n_codes = codes.size
+    if per > 1:  # per codes to a cbits-bit number, the last group padded with zeros
+        codes = np.concatenate([codes, np.zeros(-codes.size % per, np.int64)]).reshape(-1, per)
+        codes = codes @ (plan.alphabet ** np.arange(per, dtype=np.int64))
     gaps = np.zeros(0, np.int64)
     if r:
         filler = 2**r - 1
@@ -218,18 +268,18 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
     fillers = [0] * (len(order) - len(fillers)) + fillers
     bitmap = np.concatenate(bitmap) if bitmap else np.zeros(0, np.int64)
 
-    streams = [(codes, bits), (bitmap, 1), (gaps, r)]
-    stream_bits = [np.concatenate([_bit_stream(v, w) for v, w in streams if v.size])]
+    streams = [(codes, cbits), (bitmap, 1), (gaps, r)]
+    stream_bits = [np.concatenate([_bit_stream(v, width) for v, width in streams if v.size])]
     nbits = int(stream_bits[0].size)
     payload = np.packbits(np.concatenate(stream_bits + [np.zeros(-nbits % 8, np.uint8)]), bitorder="little")
     i32 = TensorProto.INT32
 
     # bits of the payload
     x = b.op("Cast", [b.payload("data", payload)], to=i32)
-    x = b.op("Reshape", [x, b.i64([-1, 1])])
+    x = b.op("Reshape", [x, b.i64([payload.size, 1])])  # sizes, not -1: a varint each
     x = b.op("Mod", [b.op("Div", [x, b.i32([2**k for k in range(8)])]), b.i32(2)])
-    x = b.op("Reshape", [x, b.i64([-1])])
-    lengths = [v.size * w for v, w in streams if v.size]
+    x = b.op("Reshape", [x, b.i64([payload.size * 8])])
+    lengths = [v.size * width for v, width in streams if v.size]
     if payload.size * 8 > nbits:
         lengths.append(payload.size * 8 - nbits)
     parts = iter(b.split(x, lengths, [None] * len(lengths)))
@@ -241,7 +291,14 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
         part = b.op("Reshape", [part, b.i64([count, width])])
         return b.op("MatMul", [part, b.i32([2**k for k in range(width)])])
 
-    code_of = values_of(codes.size, bits)
+    if per == 1:
+        code_of = values_of(codes.size, cbits)
+    else:  # [numbers, cbits] bits -> [numbers, 1] -> [numbers, per] digits -> [numbers * per] codes
+        part = b.op("Reshape", [next(parts), b.i64([codes.size, cbits])])
+        number = b.op("MatMul", [part, b.i32([[2**k] for k in range(cbits)])])
+        digits = b.op("Div", [number, b.i32([plan.alphabet**k for k in range(per)])])
+        code_of = b.op("Mod", [digits, b.i32(plan.alphabet)])
+        code_of = b.op("Reshape", [code_of, b.i64([codes.size * per])])
     ones_cache: dict[int, str] = {}
 
     def ones(n: int) -> str:
@@ -265,28 +322,34 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
                 adv = b.op("Concat", [ones(base), adv], axis=0)
             pos = b.op("Sub", [b.op("CumSum", [adv, b.i32(0)]), b.i32(1)])
         mask = mask_parts[0] if len(mask_parts) == 1 else b.op("Concat", mask_parts, axis=0)
-        idx = b.op("Mul", [b.op("Gather", [code_of, b.op("CumSum", [mask, b.i32(0)])], axis=0), mask])
+        idx = b.op("Gather", [code_of, b.op("CumSum", [mask, b.i32(0)])], axis=0)
+        if plan.shift:
+            idx = b.op("Add", [idx, b.i32(1)])
+        idx = b.op("Mul", [idx, mask])
     if pos is not None:
         zero = numpy_helper.from_array(np.zeros(1, np.int32))
         idx = b.op("ScatterElements", [b.op("ConstantOfShape", [b.i64([n_total])], value=zero), pos, idx], axis=0)
-    pieces = b.split(idx, sizes, [None] * len(order))
+    padding = [] if masked or per == 1 else [codes.size * per - n_codes]  # dense only: no mask
+    pieces = b.split(idx, sizes + [p for p in padding if p], [None] * (len(order) + sum(map(bool, padding))))
+    # one table of every member's codebook (float16 where all are exact: one Cast), Split into them
+    tables = st._stored_floats(np.concatenate([_table(m) for m in order]).astype(np.float32), order[0].dtype)
+    book = b.payload("codebook", tables)
+    if tables.dtype != order[0].dtype:
+        book = b.op("Cast", [book], to=st._NP_TO_ONNX[order[0].dtype])
+    books = b.split(book, [m.levels.size + 1 for m in order], [None] * len(order))
     members = []
     for i, (m, reg, piece) in enumerate(zip(order, region, pieces)):
         if len(m.shape) != 1:
             piece = b.op("Reshape", [piece, b.i64(list(m.shape))])
-        table = _table(m)
-        cast = table.dtype != m.dtype
-        b.initializers[b.tag + f"codebook{i}"] = (
-            "codebook",
-            numpy_helper.from_array(table, b.tag + f"codebook{i}"),
-        )
-        out = b.op("Gather", [b.tag + f"codebook{i}", piece], None if cast else m.name, axis=0)
-        if cast:
-            b.op("Cast", [out], m.name, to=st._NP_TO_ONNX[m.dtype])
+        b.op("Gather", [books[i], piece], m.name, axis=0)
         members.append(
             [m.name, reg, list(m.shape), int(m.levels.size), stored[i], fillers[i], int(np.count_nonzero(m.codes))]
         )
     entry = {"format": FORMAT, "bits": bits, "gap_bits": r, "members": members}
+    if per > 1:
+        entry["radix"] = [plan.alphabet, per, cbits]
+    if plan.shift:
+        entry["shift"] = 1
     return b, entry
 
 
@@ -296,7 +359,7 @@ def meta_bytes(tag: str, entry: dict) -> int:
 
 
 def build(
-    members: list[Member], opset: int, tag: str = "_oa0/", plans: int = 4
+    members: list[Member], opset: int, tag: str = "_A", plans: int = 4
 ) -> tuple[_Nodes, dict, int]:
     """The cheapest bundle of ``members`` (one :func:`bundle_key`; codes at the widest member's
     bits): its builder, its metadata entry and the bytes it adds to a file (data, nodes and
@@ -307,13 +370,16 @@ def build(
         raise OnnxAdmmError("bundle: every member needs the same dtype")
     if not all(np.any(m.codes) for m in members):
         raise OnnxAdmmError("bundle: a member is all zeros")
-    bits = max(m.bits for m in members)
-    if sum(m.skips.size for m in members) * bits > MAX_BITS:  # the codes alone: no plan fits
+    if sum(m.skips.size for m in members) * max(m.bits for m in members) > MAX_BITS:  # the codes alone
         raise OnnxAdmmError(f"bundle: more than {MAX_BITS} bits of payload")
     if sum(m.size for m in members) > st._INT32_LIMIT:
         raise OnnxAdmmError("bundle: more elements than int32 positions address")
     best = None
-    for payload, plan in _plans(members, bits)[:plans]:
+    ranked = _plans(members)
+    tried = ranked[:plans]  # the smallest payloads, and the best of each family (their decoders differ)
+    for family in {p.family for _, p in ranked}:
+        tried += [next(c for c in ranked if c[1].family == family)][: family not in {p.family for _, p in tried}]
+    for payload, plan in tried:
         if payload > MAX_BITS:
             break
         b, entry = _build(plan, opset, tag)
@@ -342,6 +408,7 @@ def expand_meta(tag: str, entry: dict) -> dict[str, dict]:
             "group_axis": None,
             "sparse": region != "dense",
             "gap_bits": entry["gap_bits"] if region == "gaps" else 0,
+            "code_bits": entry["radix"][2] / entry["radix"][1] if "radix" in entry else entry["bits"],
             "stored": stored,
             "fillers": fillers,
             "nonzero": nonzero,

@@ -54,7 +54,8 @@ Formats (``FORMAT`` = ``onnxadmm-codebook-1``), all integers unsigned, little-en
    streams, each with its own decoder. Its bytes are reported as codes and positions in the ratio
    ``bits : r``.
 
-Decoder (nodes and tensors named ``<tag><i>``, the tag ``_oa<j>/`` being unique to the weight and
+Decoder (nodes and tensors named ``<tag><i>``, ``<i>`` a base-62 count, the tag (``_A``, ``_B``, ..,
+``_y``, ``_zA``, ..; ``_oa<j>/`` in files before session 16) being unique to the weight and
 recorded in its metadata entry; :func:`decoder_nodes` finds them): a stream is
 ``Cast`` to int32 (plain), or for packed ones ``Cast``, ``Gather`` of the bytes each value touches,
 ``MatMul`` by ``256**k`` to join them (``Mul`` + ``ReduceSum`` below opset 9), ``Div`` by the bit
@@ -87,10 +88,12 @@ the papers report, and :func:`analyze` reads any model back (codebook-stored wei
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import string
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -558,19 +561,49 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _varints_nbytes(values) -> int:
+    """Bytes of ``values`` as packed protobuf varints (a negative number takes 10: two's complement)."""
+    v = np.asarray(values).astype(np.int64).view(np.uint64).reshape(-1)
+    return int(v.size + sum(int(np.count_nonzero(v >> np.uint64(7 * k))) for k in range(1, 10)))
+
+
+# TensorProto fields of integer types stored as varints: int32_data (sign-extended), int64_data,
+# uint64_data
+_VARINT_FIELD = {
+    **{t: "int32_data" for t in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
+                                 TensorProto.UINT16, TensorProto.INT32, TensorProto.BOOL)},
+    TensorProto.INT64: "int64_data",
+    TensorProto.UINT32: "uint64_data",
+    TensorProto.UINT64: "uint64_data",
+}
+
+
+def compact_tensor(array: np.ndarray, name: str) -> TensorProto:
+    """``array`` as a TensorProto in the smaller of its two encodings: raw bytes, or (integers)
+    the typed field's packed varints, where a small number takes one byte whatever its dtype."""
+    array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
+    raw = numpy_helper.from_array(array, name)
+    dt = raw.data_type
+    if dt not in _VARINT_FIELD or _varints_nbytes(array) >= array.nbytes:
+        return raw
+    out = TensorProto(name=name, data_type=dt, dims=array.shape)
+    getattr(out, _VARINT_FIELD[dt]).extend(array.reshape(-1).astype(np.int64 if dt != TensorProto.UINT64 else np.uint64).tolist())
+    return out
+
+
 class _Builder:
     """Collects the initializers and nodes of one weight's decoder.
 
     Nodes and the tensors they make get short names ``<tag><i>`` (a node and its output share the
     name: node and tensor names are separate namespaces), the payload tensors
-    ``<tag>{codes,gaps,entries,codebook,values}``, with a tag such as ``_oa0/`` that no other name
+    ``<tag>{codes,gaps,entries,codebook,values}``, with a tag such as ``_A`` that no other name
     in the model starts with: every name is repeated in the file, once per producer and consumer,
     and long names would cost more than the payload of a small tensor. Integer constants are
     de-duplicated by value. ``initializers`` maps name to (role, TensorProto); the role is
     ``codes``/``positions``/``codebook`` for the payload and ``graph`` for the decoder's constants.
     """
 
-    def __init__(self, opset: int, tag: str = "_oa0/"):
+    def __init__(self, opset: int, tag: str = "_A"):
         self.tag = tag
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
@@ -581,7 +614,7 @@ class _Builder:
 
     def _name(self) -> str:
         self._count += 1
-        return f"{self.tag}{self._count}"
+        return self.tag + _base62(self._count)
 
     def payload(self, role_name: str, array: np.ndarray) -> str:
         name = self.tag + role_name
@@ -590,20 +623,21 @@ class _Builder:
         return name
 
     def const(self, values, dtype) -> str:
-        """An integer constant of ``dtype`` (de-duplicated; narrowed when that pays, see above)."""
+        """An integer constant of ``dtype`` (de-duplicated; as varints where smaller; narrowed when
+        that pays, see above)."""
         arr = np.asarray(values, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            store = arr
+            name = self._name()
+            store = compact_tensor(arr, name)
             for small in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
                 info = np.iinfo(small)
                 if arr.size and arr.min() >= info.min and arr.max() <= info.max:
-                    if arr.nbytes - arr.size * info.bits // 8 > _NARROW_MIN_SAVING:
-                        store = arr.astype(small)
+                    if _tensor_nbytes(store) - arr.size * info.bits // 8 > _NARROW_MIN_SAVING:
+                        store = numpy_helper.from_array(arr.astype(small), name)
                     break
-            name = self._name()
-            self.initializers[name] = ("graph", numpy_helper.from_array(store, name))
-            if store.dtype != arr.dtype:
+            self.initializers[name] = ("graph", store)
+            if store.data_type != _NP_TO_ONNX[arr.dtype]:
                 name = self.op("Cast", [name], to=_NP_TO_ONNX[arr.dtype])
             self._consts[key] = name
         return self._consts[key]
@@ -700,7 +734,7 @@ def _emit_unpack(
         x = b.mod_pow2(x, width)
     if rows * 8 == count:
         return b.op("Reshape", [x, b.i64(list(shape))])
-    x = b.slice_head(b.op("Reshape", [x, b.i64([-1])]), count)
+    x = b.slice_head(b.op("Reshape", [x, b.i64([rows * 8])]), count)
     return x if len(shape) == 1 else b.op("Reshape", [x, b.i64(list(shape))])
 
 
@@ -741,8 +775,8 @@ def _stream_choice(width: int, count: int, opset: int, packing: str) -> tuple[bo
 def _split_overhead(gap_bits: int, opset: int) -> int:
     """Bytes splitting a joint entry stream adds to a decoder (Mod, Div and their constant)."""
     b = _Builder(opset)
-    b.op("Mod", ["_oa0/1", b.i32(2**gap_bits)])
-    b.op("Div", ["_oa0/1", b.i32(2**gap_bits)])
+    b.op("Mod", ["_A1", b.i32(2**gap_bits)])
+    b.op("Div", ["_A1", b.i32(2**gap_bits)])
     sizes = b.bytes_by_role()
     return sizes["graph"] + sizes["nodes"]
 
@@ -750,9 +784,9 @@ def _split_overhead(gap_bits: int, opset: int) -> int:
 def _marker_overhead(opset: int) -> int:
     """Bytes the ``marker`` filler mode adds to a decoder (nodes, constants, codebook zero)."""
     b = _Builder(opset)
-    is_filler = b.op("Equal", ["_oa0/1", b.i32(255)])
-    b.op("Sub", ["_oa0/1", b.op("Cast", [is_filler], to=TensorProto.INT32)])
-    b.op("Where", [is_filler, b.i32(1000), "_oa0/2"])
+    is_filler = b.op("Equal", ["_A1", b.i32(255)])
+    b.op("Sub", ["_A1", b.op("Cast", [is_filler], to=TensorProto.INT32)])
+    b.op("Where", [is_filler, b.i32(1000), "_A2"])
     sizes = b.bytes_by_role()
     return sizes["graph"] + sizes["nodes"] + 4
 
@@ -828,7 +862,7 @@ def _needed_opset(enc: Encoded) -> int:
 
 
 def _build(
-    enc: Encoded, weight: str, opset: int, tag: str = "_oa0/", packing: str = "auto"
+    enc: Encoded, weight: str, opset: int, tag: str = "_A", packing: str = "auto"
 ) -> tuple[_Builder, _Layout]:
     """The decoder of ``enc`` whose final output is named ``weight``, and its layout."""
     enc.validate()
@@ -935,18 +969,23 @@ def file_cost(enc: Encoded, name: str, opset: int = 13, packing: str = "auto") -
     weights share: a conservative price for each)."""
     b, layout = _build(enc, name, max(opset, _needed_opset(enc)), packing=packing)
     sizes = b.bytes_by_role()
-    entry = json.dumps({name: _describe(enc, layout, "_oa0/")}, sort_keys=True, separators=(",", ":"))
+    entry = json.dumps({name: _describe(enc, layout, "_A")}, sort_keys=True, separators=(",", ":"))
     return sizes["total"] + sizes["nodes"] + len(entry.encode()) + len(METADATA_KEY) + 8
 
 
 def _tensor_nbytes(t: TensorProto) -> int:
-    """Bytes of a tensor's data as stored (raw or external); typed fields counted at item size."""
+    """Bytes of a tensor's data as stored: raw, external, or typed integer fields' varints; other
+    typed fields counted at item size."""
     if t.HasField("raw_data"):
         return len(t.raw_data)
     if t.data_location == TensorProto.EXTERNAL:
         info = {kv.key: kv.value for kv in t.external_data}
         if "length" in info:
             return int(info["length"])
+    field = _VARINT_FIELD.get(t.data_type)
+    if field is not None and len(getattr(t, field)):
+        values = np.array(getattr(t, field), dtype=np.uint64 if field == "uint64_data" else np.int64)
+        return _varints_nbytes(values.view(np.int64))
     n = math.prod(t.dims)
     if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
         return -(-n // 2)
@@ -1121,14 +1160,31 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return model
 
 
-def _free_tags(taken: set[str]) -> Iterator[str]:
-    """Short name prefixes ``_oa<i>/`` that no name in ``taken`` starts with."""
-    used = {t.split("/", 1)[0] for t in taken if t.startswith("_oa")}
-    i = 0
+_TAG_LETTERS = string.ascii_uppercase + string.ascii_lowercase[:-1]  # "z" escapes to longer tags
+_BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def _base62(n: int) -> str:
+    out = ""
     while True:
-        if f"_oa{i}" not in used:
-            yield f"_oa{i}/"
-        i += 1
+        n, d = divmod(n, 62)
+        out = _BASE62[d] + out
+        if not n:
+            return out
+
+
+def _free_tags(taken: set[str]) -> Iterator[str]:
+    """Short name prefixes that no name in ``taken`` starts with: ``_A`` .. ``_y``, then ``_zA`` ..
+    ``_zy``, ``_zzA``, ... No tag is a prefix of another (each ends at its first letter other than
+    ``z``), so the names ``<tag><base-62 count>`` of two decoders never share a tag."""
+    prefixes: dict[int, set[str]] = {}
+    for depth in itertools.count():
+        for c in _TAG_LETTERS:
+            tag = "_" + "z" * depth + c
+            if len(tag) not in prefixes:
+                prefixes[len(tag)] = {n[: len(tag)] for n in taken}
+            if tag not in prefixes[len(tag)]:
+                yield tag
 
 
 def select_storage(
@@ -1212,7 +1268,7 @@ def apply_storage(
     1. The weight must be a float32/float16 initializer (or sparse initializer) of the main graph
        whose shape and dtype match the encoding; its data is dropped (the encoding defines the new
        values). A weight also listed in ``graph.input`` (old IR) is removed from the inputs.
-    2. The decoder's nodes and tensors, named ``<tag><i>`` with a tag ``_oa<j>/`` unique to the
+    2. The decoder's nodes and tensors, named ``<tag><i>`` with a tag (``_A``, ``_B``, ..) unique to the
        weight or bundle (short names: they repeat in the file), go to the start of ``graph.node``
        and the last node outputs the weight's name, so every consumer and every other node,
        initializer and attribute is left untouched.
@@ -1341,7 +1397,8 @@ _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorPro
 
 
 def _is_decoder_node(name: str, prefix: str) -> bool:
-    return name.startswith(prefix) and name[len(prefix) :].isdigit()
+    rest = name[len(prefix) :]
+    return name.startswith(prefix) and rest.isascii() and rest.isalnum()
 
 
 def _node_prefix(weight: str, description: dict) -> str:
@@ -1437,7 +1494,7 @@ def _bundle_entries(
     names = list(members)
     nodes, inits = _decoder_parts(graph, names[0], members[names[0]])
     data = sum(_tensor_nbytes(t) for n, t in inits.items() if n == tag + "data")
-    code_bits = [d["stored"] * d["bits"] for d in members.values()]
+    code_bits = [d["stored"] * d.get("code_bits", d["bits"]) for d in members.values()]
     pos_bits = [
         math.prod(d["shape"]) if d["region"] == "bitmap" else (d["stored"] + d["fillers"]) * d["gap_bits"]
         for d in members.values()
@@ -1448,18 +1505,21 @@ def _bundle_entries(
     headers += sum(_framed(n.ByteSize()) for n in nodes)
     graph_share = _apportion(graph_bytes, [0] * len(names))
     node_share = _apportion(headers, [0] * len(names))
+    if tag + "codebook" in inits:  # one table for all members, shared out by their K + 1 entries
+        books = _apportion(_tensor_nbytes(inits[tag + "codebook"]), [d["K"] + 1 for d in members.values()])
+    else:  # files of session 15: a table per member
+        books = [_tensor_nbytes(inits[f"{tag}codebook{i}"]) if f"{tag}codebook{i}" in inits else 0 for i in range(len(names))]
     out = {}
     for i, (name, d) in enumerate(members.items()):
-        book = inits.get(f"{tag}codebook{i}")
         parts = {
             "codes": split[i],
             "positions": split[len(names) + i],
-            "codebook": _tensor_nbytes(book) if book is not None else 0,
+            "codebook": books[i],
             "graph": graph_share[i],
         }
         parts["total"] = sum(parts.values())
         parts["nodes"] = node_share[i]
-        out[name] = _codebook_entry(name, d, parts, region=d["region"])
+        out[name] = _codebook_entry(name, d, parts, region=d["region"], code_bits=d.get("code_bits", d["bits"]))
     return out, set(inits)
 
 
@@ -1499,9 +1559,10 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
             continue
         parts = {"codes": 0, "positions": 0, "codebook": 0, "graph": 0}
         headers = 0
+        prefix = _node_prefix(name, d)
         for init_name, t in inits.items():
             n = _tensor_nbytes(t)
-            role = _ROLE_OF.get(init_name.rsplit("/", 1)[-1], "graph")
+            role = _ROLE_OF.get(init_name[len(prefix) :] if init_name.startswith(prefix) else "", "graph")
             if role == "entries":
                 codes, positions = _split_entries(n, d["bits"], d["gap_bits"])
                 parts["codes"] += codes
