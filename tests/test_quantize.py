@@ -21,6 +21,7 @@ from onnxadmm.compress.quantize import (
     binarize,
     centroid_grad,
     cluster,
+    float16_levels,
     grid_codes,
     project_to_grid,
     quantization_error,
@@ -466,3 +467,40 @@ def test_quantization_error():
     assert quantization_error(w, torch.tensor([3.0, 0.0, 0.0]), mask) == pytest.approx(4.0 / 5.0)
     assert quantization_error(torch.zeros(3), torch.zeros(3)) == 0.0
     assert quantization_error(torch.zeros(3), torch.ones(3)) == math.inf
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_float16_levels_uniform(bits, axis):
+    w = rand_weight(1, (6, 3, 3, 3)) * 0.05
+    q, grid = (binarize(w, axis=axis) if bits == 1 else quantize_uniform(w, bits, axis=axis))
+    out = float16_levels(grid)
+    assert out.kind == grid.kind and out.bits == grid.bits and out.codebook.shape == grid.codebook.shape
+    book, new = grid.codebook.double(), out.codebook.double()
+    moved = ((new - book).abs() <= grid.step.double()[:, None] / 32).all(1)
+    assert bool(moved.all())  # no level moves by more than 1/32 of a step
+    exact = (new.float().half().double() == new).all(1)
+    if bits <= 4:  # up to 4 bits every step can be snapped
+        assert bool(exact.all())
+    # a group not snapped keeps its levels exactly
+    assert bool(((new == book).all(1) | exact).all())
+    # still a uniform grid: the levels are n * step
+    n = torch.round(new / out.step.double()[:, None])
+    assert torch.allclose(n * out.step.double()[:, None], new, rtol=1e-6, atol=0)
+    # the projection onto the new grid stays feasible and idempotent
+    q2 = project_to_grid(w, out)
+    assert torch.equal(project_to_grid(q2, out), q2)
+    assert quantization_error(w, q2) <= quantization_error(w, q) * 1.05
+
+
+def test_float16_levels_cluster_and_out_of_range():
+    w = rand_weight(2, (5, 6))
+    _, grid = cluster(w, 5)
+    out = float16_levels(grid)
+    assert out.step is None and torch.equal(out.codebook, grid.codebook.half().float())
+    tiny = Grid(torch.tensor([[-3e-6, 3e-6]]), None, "cluster", 1)  # below float16's normal range
+    assert torch.equal(float16_levels(tiny).codebook, tiny.codebook)
+    huge = quantize_uniform(torch.tensor([1e6, -2e6, 5e5]), 3)[1]  # above float16's range
+    assert torch.equal(float16_levels(huge).codebook, huge.codebook)
+    zero = Grid(torch.zeros(1, 3), None, "uniform", 2, torch.zeros(1))  # an all-zero layer's grid
+    assert torch.equal(float16_levels(zero).codebook, zero.codebook)

@@ -355,6 +355,10 @@ class Engine:
         """Exact final weights: masks applied and, after quantization, the values on their grids."""
         self.apply_masks()
         if self.state.grids:
+            if self.cfg.float16_levels:
+                from .quantize import float16_levels
+
+                self.state.grids = {n: float16_levels(g) for n, g in self.state.grids.items()}
             self.swap_in_quantized()
 
     def train_epoch(self, unit: Unit, optimizer, desc: str) -> dict:

@@ -77,6 +77,7 @@ __all__ = [
     "binarize",
     "centroid_grad",
     "cluster",
+    "float16_levels",
     "grid_codes",
     "project_to_grid",
     "quantization_error",
@@ -755,6 +756,42 @@ def step_grad(grad_w: torch.Tensor, codes: torch.Tensor, grid: Grid) -> torch.Te
     pos = torch.arange(max(nmin, 1), top + 1, dtype=torch.float32)
     n = torch.cat([-pos.flip(0), pos]) if nmin else torch.cat([-pos.flip(0), pos.new_zeros(1), pos])
     return (centroid_grad(grad_w, codes, grid) * n.to(grad_w.device)[None, :]).sum(1)
+
+
+def float16_levels(grid: Grid, tolerance: float = 1 / 32) -> Grid:
+    """``grid`` moved onto levels that float16 holds exactly, where that moves no level by more than
+    ``tolerance`` of the gap between levels (a step, or the nearest other centroid), so that the
+    written codebook takes 2 bytes a level instead of 4.
+
+    Uniform and binary grids: the step of each group becomes the nearest ``M * 2**e`` with ``M <=
+    2047 // top`` (``top`` the largest level index), so every level ``n * step`` has at most 11
+    significant bits. That moves the step by at most ``top / (2047 // top)`` of itself at the top
+    level: up to 4 bits (``top <= 7``) at most 2.4% of a step, always within the tolerance; at 8
+    bits mostly beyond it, and those groups keep their step. Clustered grids: centroids rounded to
+    float16. Groups whose levels fall outside float16's normal range keep theirs."""
+    book = grid.codebook.detach().to(_F64).cpu()
+    if grid.step is not None:
+        step = grid.step.detach().to(_F64).cpu().clamp(min=0)
+        top = max(_uniform_shape(grid)[1], 1)
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        e = torch.ceil(torch.log2(safe / (2047 // top)))
+        new = torch.round(safe / 2**e) * 2**e
+        levels = _uniform_codebook(new.float(), *_uniform_shape(grid)).to(_F64)
+        gap = step
+    else:
+        levels = book.float().half().to(_F64)
+        new = None
+        srt = book.sort(1).values
+        gap = (srt[:, 1:] - srt[:, :-1]).amin(1) if book.shape[1] > 1 else book.abs().amax(1)
+    exact = (levels.float().half().to(_F64) == levels).all(1)
+    normal = ((levels == 0) | (levels.abs() >= 2**-14)).all(1) & (levels.abs() <= 65504).all(1)
+    close = ((levels - book).abs() <= tolerance * gap[:, None]).all(1)
+    ok = exact & normal & close
+    if new is not None:
+        ok &= step > 0
+        return grid.scaled(torch.where(ok, new, step).float().to(grid.codebook.device))
+    out = torch.where(ok[:, None], levels, book).float().to(grid.codebook.device)
+    return Grid(out, grid.group_axis, grid.kind, grid.bits, None)
 
 
 def quantization_error(w: torch.Tensor, wq: torch.Tensor, mask: torch.Tensor | None = None) -> float:
