@@ -4,37 +4,46 @@
 nodes and constants each, and ~550 more for each bit-packed stream. In a small model that outweighs
 the weights (LeNet-5 pruned 250x and quantized to 3 bits holds ~1,700 bytes of codes and positions
 and spent ~1,600 more on four decoders) and it makes the per-weight planner store small streams as
-whole bytes and small layers as plain floats. A bundle stores the weights that share a code width
-and a dtype with one decoder:
+whole bytes and small layers as plain floats. A bundle stores the weights that share a dtype with one decoder:
 
 - one ``uint8`` payload, a bit stream (bit ``t`` is bit ``t % 8`` of byte ``t // 8``) holding, one
-  after the other: the *codes* (``bits`` bits each, least significant bit first), the *bitmap* (one
-  bit per element of the members in the bitmap region) and the *gaps* (``r`` bits each);
-- one codebook per member, ``[0, v_1, ..., v_K]``: code 0 is the zero, codes ``1..K`` the weight's
-  non-zero values (``bits = ceil(log2(K + 1))``, shared by the bundle's members);
+  after the other: the *codes*, the *bitmap* (one bit per element of the members in the bitmap
+  region) and the *gaps* (``r`` bits each);
+- one codebook table, the members' ``[0, v_1, ..., v_K]`` one after the other (float16 where every
+  value is exact in it): code 0 is the zero, codes ``1..K`` a member's non-zero values;
 - each member in one of three regions of a virtual vector ``V`` (dense members first, then bitmap,
   then gaps members): *dense* (a code for every element, zeros included), *bitmap* (a bit per
   element, 1 where a non-zero code follows: pays from densities of about 1/5 to 1/2) or *gaps*
   (relative positions: a code per non-zero element and an ``r``-bit entry counting the zeros skipped
   before it, ``0 .. 2**r - 2``; the entry ``2**r - 1`` is a *filler* that skips that many zeros and
   has no code). The planner picks every member's region and the gap width for the fewest bytes.
+- the codes: an alphabet of ``A = K + 1`` symbols (``K`` the most non-zero values of a member), or
+  where no member is dense ``A = K``, codes ``1..K`` stored less 1 (*shift*); each code in
+  ``ceil(log2 A)`` bits, or where that saves bits ``g`` codes to one ``w``-bit number in base ``A``
+  (*radix*, :func:`radix`: 3-bit levels without the zero, ``A = 6``, take 13 bits for 5 codes, 2.6
+  a code). The planner builds the layouts with the smallest payloads and the best of each kind
+  (their decoders differ in size) and keeps the smallest file.
 
 Decoder (nodes unnamed; every tensor it makes starts with the bundle's tag, such as ``_A``): ``Cast``
 the payload to int32, ``Reshape`` to ``[n, 1]``, ``Div`` by ``2**[0..7]``, ``Mod 2``, ``Reshape``
 to bits, ``Split`` into the streams, and for codes and gaps ``Reshape`` to ``[count, width]`` and
-``MatMul`` by ``2**[0..width)``. The *mask* is 1 for each slot that has a code (every dense
-element, the bitmap's bits, the gap entries that are not fillers: ``Less(gap, 2**r - 1)``); slot
-``i`` takes code ``Gather(codes, CumSum(mask)[i]) * mask[i]`` (the code stream starts with one
-unused code, so no ``- 1`` is needed, and masked slots get code 0). The gap entries' positions are
-``CumSum`` of their advances (``gap + 1``, or ``2**r - 1`` for a filler) after the dense and bitmap
-regions, and ``ScatterElements`` places all slots into zeros. ``Split`` cuts ``V`` into the
-members; each is ``Reshape``-d to its shape and looked up in its codebook with ``Gather``, whose
-output carries the weight's name (a ``Cast`` after it for float16 codebooks of float32 weights).
+``MatMul`` by ``2**[0..width)`` (radix codes: by ``2**[0..w)`` as a column, ``Div`` by
+``A**[0..g)``, ``Mod A``, ``Reshape`` to a vector). The *mask* is 1 for each slot that has a code
+(every dense element, the bitmap's bits, the gap entries that are not fillers: ``Less(gap, 2**r -
+1)``); slot ``i`` takes code ``Gather(codes, CumSum(mask)[i]) * mask[i]`` (the code stream starts
+with one unused code, so no ``- 1`` is needed, and masked slots get code 0; shifted codes get their
+``+ 1`` before the ``* mask``). The gap entries' positions are ``CumSum`` of their advances (``gap +
+1``, or ``2**r - 1`` for a filler) after the dense and bitmap regions, and ``ScatterElements``
+places all slots into zeros. ``Split`` cuts ``V`` into the members and the table into their
+codebooks (after one ``Cast`` of a float16 table for float32 weights); each member is ``Reshape``-d
+to its shape and looked up in its codebook with ``Gather``, whose output carries the weight's name.
 Every input is a constant, so onnxruntime folds the chain at load; needs opset 11.
 
 The ``onnxadmm.storage`` metadata holds one entry for the bundle, under its tag: ``format`` =
-:data:`FORMAT`, ``bits``, ``gap_bits`` and ``members``: per member ``[name, region, shape, K,
-stored, fillers, nonzero]``; :func:`expand_meta` turns it into per-weight descriptions.
+:data:`FORMAT`, ``bits`` (``ceil(log2 A)``), ``gap_bits``, ``members``: per member ``[name, region,
+shape, K, stored, fillers, nonzero]``, and where used ``shift`` (1) and ``radix`` (``[A, g, w]``);
+:func:`expand_meta` turns it into per-weight descriptions. Files of session 15 (a codebook tensor per
+member, ``<tag>codebook<i>``, no shift or radix) are read as well.
 """
 
 from __future__ import annotations
