@@ -23,7 +23,7 @@ Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both st
 Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
     python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 12.5] [--bits 3] \\
-        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F]
+        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the result here")
+    ap.add_argument("--out", type=Path, help="keep the stage-2 model here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
         if args.dense_teacher:
             s2["teacher"] = str(dense)
         result["stage2"] = stage(first, work / "stage2.onnx", data, log, rate=args.rate, bits=args.bits, **s2)
+        if args.out:
+            shutil.copyfile(work / "stage2.onnx", args.out)
     result["command"] = "python benchmarks/bench_lenet_hybrid.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )

@@ -85,8 +85,9 @@ class CompressConfig:
     # LeNet-5 0.3 points (docs/benchmarks.md, session 14)
     quant_damping: float = 0.0
     # after training, move each quantized layer's levels onto values float16 holds exactly where that
-    # shifts none by more than 0.4% (steps of up to 4-bit grids, every centroid): the codebooks in the
-    # file take half the bytes (LeNet-5 pruned 259x at 3 bits: 56 of its ~1,700 bytes of weights)
+    # shifts none by more than 1/32 of a step (every grid up to 4 bits, every centroid; most 8-bit
+    # grids stay): the codebooks in the file take half the bytes (LeNet-5 pruned 259x at 3 bits: 56
+    # of its ~1,770 bytes of weights)
     float16_levels: bool = True
     pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
     # class, added to the distillation of classifier outputs (0: distillation alone)

@@ -338,8 +338,8 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
     if pos is not None:
         zero = numpy_helper.from_array(np.zeros(1, np.int32))
         idx = b.op("ScatterElements", [b.op("ConstantOfShape", [b.i64([n_total])], value=zero), pos, idx], axis=0)
-    padding = [] if masked or per == 1 else [codes.size * per - n_codes]  # dense only: no mask
-    pieces = b.split(idx, sizes + [p for p in padding if p], [None] * (len(order) + sum(map(bool, padding))))
+    padding = 0 if masked else codes.size * per - n_codes  # all dense: the codes are V, padding cut off
+    pieces = b.split(idx, sizes + [padding] * bool(padding), [None] * (len(order) + bool(padding)))
     # one table of every member's codebook (float16 where all are exact: one Cast), Split into them
     tables = st._stored_floats(np.concatenate([_table(m) for m in order]).astype(np.float32), order[0].dtype)
     book = b.payload("codebook", tables)
@@ -386,11 +386,12 @@ def build(
     best = None
     ranked = _plans(members)
     tried = ranked[:plans]  # the smallest payloads, and the best of each family (their decoders differ)
-    for family in {p.family for _, p in ranked}:
-        tried += [next(c for c in ranked if c[1].family == family)][: family not in {p.family for _, p in tried}]
+    for candidate in ranked[plans:]:
+        if candidate[1].family not in {p.family for _, p in tried}:
+            tried.append(candidate)
     for payload, plan in tried:
         if payload > MAX_BITS:
-            break
+            continue
         b, entry = _build(plan, opset, tag)
         sizes = b.bytes_by_role()
         cost = sizes["total"] + sizes["nodes"] + meta_bytes(tag, entry)

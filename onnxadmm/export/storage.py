@@ -578,6 +578,10 @@ _VARINT_FIELD = {
 }
 
 
+# float16/bfloat16 values in typed fields: their bit patterns as int32_data varints
+_HALF_FIELD = {TensorProto.FLOAT16: "int32_data", TensorProto.BFLOAT16: "int32_data"}
+
+
 def compact_tensor(array: np.ndarray, name: str) -> TensorProto:
     """``array`` as a TensorProto in the smaller of its two encodings: raw bytes, or (integers)
     the typed field's packed varints, where a small number takes one byte whatever its dtype."""
@@ -982,7 +986,7 @@ def _tensor_nbytes(t: TensorProto) -> int:
         info = {kv.key: kv.value for kv in t.external_data}
         if "length" in info:
             return int(info["length"])
-    field = _VARINT_FIELD.get(t.data_type)
+    field = _VARINT_FIELD.get(t.data_type) or _HALF_FIELD.get(t.data_type)
     if field is not None and len(getattr(t, field)):
         values = np.array(getattr(t, field), dtype=np.uint64 if field == "uint64_data" else np.int64)
         return _varints_nbytes(values.view(np.int64))
