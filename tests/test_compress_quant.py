@@ -329,3 +329,39 @@ def test_int8_file_holds_the_trained_biases_and_weights(tmp_path):
         assert np.abs(deq - want[b]).max() <= step  # the trained bias, to one int32 step
         moved.append(np.abs(want[b] - original[b]).max() / step)
     assert max(moved) > 3  # training moved the biases by more than the tolerance above
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_finalize_moves_levels_to_float16_keeping_every_code(half):
+    """float16_levels: the final weights sit on float16-exact levels, and each keeps the level its
+    shadow rounds to on the trained grid, also shadows right at a rounding threshold (which the
+    moved step would send the other way if the shadows were projected again)."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    train = Dataset({"input": np.zeros((8, 1, 8, 8), np.float32)}, np.arange(8) % 10)
+    quant = [{"conv2.weight": QuantSpec(bits=3), "fc1.weight": QuantSpec(clusters=4)}]
+    cfg = CompressConfig(batch_size=8, min_batches=1, float16_levels=half).validate()
+    e = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], lambda s: None, True, quant=quant)
+    e.hard_prune(0)
+    grid = e.state.grids["conv2.weight"]
+    step = float(grid.step[0])
+    rng = np.random.default_rng(0)
+    shape = e.params["conv2.weight"].shape
+    k = rng.integers(-3, 3, shape)  # shadows just either side of the threshold between k and k + 1
+    side = rng.choice([-1e-4, 1e-4], shape)
+    with torch.no_grad():
+        e.params["conv2.weight"].copy_(torch.tensor((k + 0.5 + side) * step, dtype=torch.float32))
+    expected = torch.round(e.quantized("conv2.weight", e.params["conv2.weight"].detach()) / step)
+    e.finalize()
+    new = e.state.grids["conv2.weight"]
+    w = e.params["conv2.weight"].detach()
+    assert torch.equal(torch.round(w / new.step[0]), expected)  # every weight kept its level
+    book = e.state.grids["fc1.weight"].codebook
+    for levels in (new.codebook, book):
+        exact = torch.equal(levels.half().float(), levels)
+        assert exact == half or (not half and not exact)
+    assert half or float(new.step[0]) == step
+    fc1 = e.params["fc1.weight"].detach()
+    codes = e.state.codes["fc1.weight"]
+    assert all(torch.all(fc1[codes == j] == book[0, j]) for j in range(4))

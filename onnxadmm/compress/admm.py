@@ -355,11 +355,15 @@ class Engine:
         """Exact final weights: masks applied and, after quantization, the values on their grids."""
         self.apply_masks()
         if self.state.grids:
+            self.swap_in_quantized()
             if self.cfg.float16_levels:
+                # levels moved after the weights are on them: each weight keeps its level (a move is
+                # under half a step), where projecting the shadows again would flip the many that
+                # sit at rounding thresholds (and cost LeNet-5 0.4 points)
                 from .quantize import float16_levels
 
                 self.state.grids = {n: float16_levels(g) for n, g in self.state.grids.items()}
-            self.swap_in_quantized()
+                self.swap_in_quantized()
 
     def train_epoch(self, unit: Unit, optimizer, desc: str) -> dict:
         from tqdm import tqdm
