@@ -358,9 +358,8 @@ def test_finalize_moves_levels_to_float16_keeping_every_code(half):
     w = e.params["conv2.weight"].detach()
     assert torch.equal(torch.round(w / new.step[0]), expected)  # every weight kept its level
     book = e.state.grids["fc1.weight"].codebook
-    for levels in (new.codebook, book):
-        exact = torch.equal(levels.half().float(), levels)
-        assert exact == half or (not half and not exact)
+    for levels in (new.codebook, book):  # (the trained levels of this seed are not float16 values)
+        assert torch.equal(levels.half().float(), levels) == half
     assert half or float(new.step[0]) == step
     fc1 = e.params["fc1.weight"].detach()
     codes = e.state.codes["fc1.weight"]
