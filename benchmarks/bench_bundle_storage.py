@@ -108,14 +108,14 @@ def write_both(plain: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[s
             encodings[n] = encode_from_values(w, levels)
     out = {}
     for label, bundle in (("bundle", True), ("per weight", False)):
-        chosen = _select_storage("auto", encodings, weights, plain, bundle=bundle)
+        chosen, layout = _select_storage("auto", encodings, weights, plain, bundle=bundle)
         # the others as the pipeline writes them: COO sparse initializers where smaller, else plain
         coo = {
             n for n, w in weights.items() if n not in chosen and _coo_cost(n, w) < _plain_cost(n, w)
         }
         with tempfile.TemporaryDirectory() as tmp:
             base = load_model(export_onnx(plain, weights, Path(tmp) / "p.onnx", sparse=coo, force=True))
-        out[label] = apply_storage(base, chosen, bundle=bundle)
+        out[label] = apply_storage(base, chosen, bundle=bundle, layout=layout)
     return out
 
 

@@ -303,7 +303,7 @@ def test_auto_format_keeps_a_tiny_quantized_layer_plain():
         opset_imports=[helper.make_opsetid("", 13)],
     )
     grids = {"w": Grid(torch.from_numpy(book)[None], None, "cluster", 4)}
-    assert _select_storage("auto", _encodings("auto", grids, {"w": w}, proto), {"w": w}, proto) == {}
+    assert _select_storage("auto", _encodings("auto", grids, {"w": w}, proto), {"w": w}, proto)[0] == {}
     enc = _encodings("codebook", grids, {"w": w}, proto)["w"]
     assert enc.levels == len(np.unique(w)) and enc.stored == 36  # unused levels compacted away
 

@@ -952,6 +952,11 @@ def test_bundle_smaller_than_one_decoder_per_weight(tmp_path):
     _check_exact(reference, bundled)
     assert _bundle_entries(bundled) and not _bundle_entries(singles)
     assert singles.ByteSize() - bundled.ByteSize() > 500  # ~5.3 KB -> ~4.6 KB
+    # a layout chosen beforehand (the pipeline's, priced against plain floats) is written as given
+    layout = st.select_storage(encodings, 13)
+    assert layout[0] and apply_storage(reference, encodings, layout=layout) == bundled
+    with pytest.raises(OnnxAdmmError, match="layout"):
+        apply_storage(reference, encodings, layout=(layout[0], []) if layout[1] else ([], []))
     (_, entry), = _bundle_entries(bundled).items()
     a, b = analyze(bundled), analyze(singles)
     assert sum(a[n]["bytes"]["total"] for n in weights) < sum(b[n]["bytes"]["total"] for n in weights)

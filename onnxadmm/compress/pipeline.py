@@ -370,7 +370,7 @@ def compress(
     encodings.update(
         _compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto, sparse_ok)
     )
-    encodings = _select_storage(fmt, encodings, state, proto)
+    encodings, layout = _select_storage(fmt, encodings, state, proto)
     sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
@@ -388,7 +388,7 @@ def compress(
 
         plain = export_onnx(proto, state, work / "plain.onnx", sparse=sparse)
         try:
-            packed = apply_storage(load_model(plain), encodings)
+            packed = apply_storage(load_model(plain), encodings, layout=layout)
         except OnnxAdmmError as exc:
             if fmt != "auto":
                 raise
@@ -813,13 +813,14 @@ def _encodings(
 
 def _select_storage(
     fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto, bundle: bool = True
-) -> dict:
+) -> tuple[dict, tuple | None]:
     """With ``auto``, the encodings that make the file smaller (the others' weights stay plain, or
     COO sparse when pruned): shared decoders (bundles, unless ``bundle`` is False) where the opset
-    allows, else each weight's own decoder against its plain (or COO) bytes. ``codebook`` keeps
-    them all."""
+    allows, else each weight's own decoder against its plain (or COO) bytes; and that layout
+    ``(bundles, singles)`` for :func:`~onnxadmm.export.storage.apply_storage`. ``codebook`` keeps
+    them all (layout None: apply_storage chooses)."""
     if fmt != "auto" or not encodings:
-        return encodings
+        return encodings, None
     from ..export.storage import default_opset, select_storage
 
     opset = max([default_opset(proto)] + [11 for e in encodings.values() if e.sparse])
@@ -829,7 +830,7 @@ def _select_storage(
         plain[n] = min(_plain_cost(n, w), _coo_cost(n, w)) if enc.sparse else _plain_cost(n, w)
     bundles, singles = select_storage(encodings, opset, plain=plain, bundle=bundle)
     keep = {n for names in bundles for n in names} | set(singles)
-    return {n: e for n, e in encodings.items() if n in keep}
+    return {n: e for n, e in encodings.items() if n in keep}, (bundles, singles)
 
 
 def _compact_sparse(

@@ -1264,6 +1264,7 @@ def apply_storage(
     opset_min: int | None = None,
     packing: str = "auto",
     bundle: bool | str = True,
+    layout: tuple[list[list[str]], list[str]] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` where each weight named in ``encodings`` is stored as its :class:`Encoded`.
 
@@ -1285,7 +1286,9 @@ def apply_storage(
     5. ``bundle`` (default True): where the opset is (or becomes) 11 or more, weights share one
        decoder (:mod:`onnxadmm.export.bundle`) wherever that makes the file smaller
        (:func:`select_storage`; ``"always"``: all that can); raw values, per-channel codebooks and
-       all-zero weights always get their own.
+       all-zero weights always get their own. ``layout``: the ``(bundles, singles)`` that
+       :func:`select_storage` already chose for exactly these encodings (the opset is raised to 11
+       for a bundle), instead of choosing again.
     6. ``metadata_props[METADATA_KEY]`` holds a JSON object (merged with an existing one): per
        weight with its own decoder ``{weight: description}`` with format, tag, shape, bits, K,
        groups, group_axis, sparse, gap_bits, stored, fillers, filler_mode, joint and nonzero
@@ -1300,7 +1303,11 @@ def apply_storage(
         return out
     for enc in encodings.values():
         enc.validate()
+    if layout is not None and sorted(n for names in layout[0] for n in names) + sorted(layout[1]) != sorted(encodings):
+        raise OnnxAdmmError("apply_storage: the layout must name every encoded weight once")
     target = max([opset_min or 0, default_opset(out)] + [_needed_opset(e) for e in encodings.values()])
+    if layout is not None and layout[0]:
+        target = max(target, bd.OPSET)
     if target > default_opset(out):
         out = raise_opset(out, target)
     graph = out.graph
@@ -1330,7 +1337,7 @@ def apply_storage(
                 f"apply_storage: {name!r} is {helper.tensor_dtype_to_np_dtype(dtype)}{list(dims)}, "
                 f"the encoding is {enc.dtype}{list(enc.shape)}"
             )
-    bundles, singles = select_storage(encodings, target, packing, bundle=bundle)
+    bundles, singles = layout or select_storage(encodings, target, packing, bundle=bundle)
     builders = []
     described = {}
     for names in bundles:
