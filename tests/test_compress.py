@@ -280,6 +280,7 @@ def test_auto_format_picks_the_smallest_storage_per_layer(baseline):
             compact.add(x["name"])
         elif x["nonzero"] * (4 + 8) < x["params"] * 4:
             coo.add(x["name"])
+    assert rep["format"]["packed_error"] is None
     assert set(rep["format"]["codebook_tensors"]) == compact
     assert set(rep["format"]["sparse_tensors"]) == coo == sparse_names(out)
     assert "fc1.weight" in compact and "conv1.weight" not in compact | coo
@@ -1151,6 +1152,7 @@ def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
     rep = compress(MODEL, out, "digits", rate=20, log=logs.append, quiet=True, **FAST)
     assert any("packed storage not possible" in line for line in logs)
     assert rep["format"]["codebook_tensors"] == [] and rep["format"]["sparse_tensors"]
+    assert rep["format"]["packed_error"] == "simulated converter failure"
     check_output_matches_report(out, rep)
     cb = tmp_path / "cb.onnx"
     with pytest.raises(OnnxAdmmError, match="simulated"):

@@ -267,6 +267,7 @@ def test_auto_format_packs_a_layer_only_where_that_is_smaller(tmp_path):
     from onnxadmm.export.storage import apply_storage, encode_from_values, expand_storage, file_cost
 
     rep, w = run(tmp_path, "auto4", bits=4)
+    assert rep["format"]["packed_error"] is None
     packed = set(rep["format"]["codebook_tensors"])
     assert "fc1.weight" in packed
     written = onnx.load(tmp_path / "auto4.onnx")

@@ -154,3 +154,28 @@ def test_packed_pruned_model_report(compressed):
     t = rep["total"]
     assert t["file_weight_bytes"] == sum(x["bytes"]["file"] for x in rep["layers"]) < rep["file_bytes"]
     assert rep["file_bytes"] == path.stat().st_size
+
+
+def test_layout_column(compressed):
+    """Each row says how its weight is stored; the text table shows it."""
+    from onnxadmm.export.storage import analyze
+
+    for key, first in (("codebook", "codes"), ("packed", "raw")):
+        rep = storage_report(compressed[key])
+        entries = analyze(onnx.load(str(compressed[key])))
+        for x in rep["layers"]:
+            e = entries[x["name"]]
+            words = x["layout"].split()
+            if e["storage"] != "codebook":  # a layer the planner left plain
+                assert words == ["fp32"]
+                continue
+            assert words[0] == first
+            assert ("bundle" in words) == ("region" in e)
+            region = e.get("region") or ("gaps" if e["sparse"] else "dense")
+            assert words[1] == region and (region != "gaps" or words[2] == f"{e['gap_bits']}b")
+    assert {x["layout"] for x in storage_report(compressed["int8"])["layers"]} == {"int8 dense"}
+    assert {x["layout"] for x in storage_report(MODEL)["layers"]} == {"fp32"}
+    r = CliRunner().invoke(cli, ["report", str(compressed["codebook"])])
+    assert r.exit_code == 0 and "layout" in r.output.splitlines()[0]
+    for x in storage_report(compressed["codebook"])["layers"]:
+        assert x["layout"] in r.output

@@ -379,6 +379,7 @@ def compress(
         save_model(original, ref_path)
     original_bytes = file_bytes(in_path)
     int8_info = None
+    packed_error = None  # why --format auto fell back from codes + codebooks to plain tensors
     if fmt == "int8":
         int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work, log)
     elif not encodings:
@@ -393,6 +394,7 @@ def compress(
             if fmt != "auto":
                 raise
             log(f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead")
+            packed_error = str(exc)
             encodings = {}
             sparse = _pick_format(fmt, {n: state[n] for n in pruned}, proto)
             export_onnx(proto, state, out_path, sparse=sparse, force=force)
@@ -475,6 +477,7 @@ def compress(
             "sparse_tensors": sorted(sparse) if fmt != "int8" else [],
             "codebook_tensors": sorted(encodings) if fmt != "int8" else [],
             "int8": int8_info,
+            "packed_error": packed_error,
         },
         "quantization": {
             n: {"kind": g.kind, "bits": g.bits, "levels": g.levels, "per_channel": g.group_axis is not None}

@@ -1303,7 +1303,7 @@ def apply_storage(
         return out
     for enc in encodings.values():
         enc.validate()
-    if layout is not None and sorted(n for names in layout[0] for n in names) + sorted(layout[1]) != sorted(encodings):
+    if layout is not None and sorted([n for names in layout[0] for n in names] + list(layout[1])) != sorted(encodings):
         raise OnnxAdmmError("apply_storage: the layout must name every encoded weight once")
     target = max([opset_min or 0, default_opset(out)] + [_needed_opset(e) for e in encodings.values()])
     if layout is not None and layout[0]:

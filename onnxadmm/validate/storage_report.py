@@ -167,6 +167,7 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
             row = {
                 "name": n,
                 "storage": "int8",
+                "layout": "int8 dense",
                 "bits": 8,
                 "bytes": {"values": val_bytes, "positions": 0, "codebook": scale_bytes},
             }
@@ -195,7 +196,8 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
                 "name": n,
                 # raw values + packed positions (pruned, not quantized): "packed" rather than "codebook"
                 "storage": "packed" if e.get("raw") else e["storage"],
-                "bits": e.get("bits") or (16 if np.asarray(w).dtype == np.float16 else 32),
+                "layout": _layout(e),
+                "bits": e.get("code_bits") or e.get("bits") or (16 if np.asarray(w).dtype == np.float16 else 32),
                 "bytes": {"values": vb, "positions": pb, "codebook": cb},
             }
         w = np.asarray(w)
@@ -236,23 +238,41 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
     return rep
 
 
+def _layout(e: dict) -> str:
+    """How a weight's values and positions are stored, in a few words: ``codes`` (indices into a
+    codebook) or ``raw`` values, then ``dense``, ``bitmap`` (one presence bit per weight) or
+    ``gaps N b`` (relative positions of N bits); ``bundle`` where one decoder serves several weights;
+    ``fp32``/``fp16`` and ``coo`` for plain and ONNX sparse tensors."""
+    if e["storage"] != "codebook":
+        width = {32: "fp32", 16: "fp16"}.get(e.get("bits"), f"{e.get('bits')}-bit")
+        return f"{width} coo" if e["storage"] == "coo" else width
+    region = e.get("region") or ("gaps" if e.get("sparse") else "dense")
+    where = f"gaps {e['gap_bits']}b" if region == "gaps" else region
+    return f"{'raw' if e.get('raw') else 'codes'} {where}" + (" bundle" if "region" in e else "")
+
+
+def _bits(b: float) -> str:
+    return f"{b:g}" if float(b).is_integer() else f"{b:.2f}"
+
+
 def format_storage_report(rep: dict) -> str:
     w = min(max([len(x["name"]) for x in rep["layers"]] + [5]), 40)
     head = (
-        f"{'layer':<{w}} {'storage':<8} {'params':>10} {'nonzero':>9} {'bits':>4} {'values':>9} "
+        f"{'layer':<{w}} {'layout':<19} {'params':>10} {'nonzero':>9} {'bits':>4} {'values':>9} "
         f"{'positions':>9} {'codebook':>8} {'file B':>9} {'x file':>8} {'theory B':>9} {'x theory':>9}"
     )
     lines = [head]
     for x in rep["layers"]:
         b = x["bytes"]
         lines.append(
-            f"{x['name'][:w]:<{w}} {x['storage']:<8} {x.get('original_params', x['params']):>10,} {x['nonzero']:>9,} {x['bits']:>4} "
+            f"{x['name'][:w]:<{w}} {x.get('layout', x['storage']):<19} {x.get('original_params', x['params']):>10,} "
+            f"{x['nonzero']:>9,} {_bits(x['bits']):>4} "
             f"{b['values']:>9,} {b['positions']:>9,} {b['codebook']:>8,} {b['file']:>9,} "
             f"{x['ratio_file']:>7.1f}x {x['deep_compression']['bytes']:>9,.0f} {x['ratio_theoretical']:>8.1f}x"
         )
     t = rep["total"]
     lines.append(
-        f"{'total':<{w}} {'':<8} {t.get('original_params', t['params']):>10,} {t['nonzero']:>9,} {'':>4} {t['values']:>9,} "
+        f"{'total':<{w}} {'':<19} {t.get('original_params', t['params']):>10,} {t['nonzero']:>9,} {'':>4} {t['values']:>9,} "
         f"{t['positions']:>9,} {t['codebook']:>8,} {t['file_weight_bytes']:>9,} {t['ratio_file']:>7.1f}x "
         f"{t['theoretical_bytes']:>9,.0f} {t['ratio_theoretical']:>8.1f}x"
     )
