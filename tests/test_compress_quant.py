@@ -93,9 +93,17 @@ def test_prune_then_quantize(tmp_path):
     assert rep["pruning_rate"] >= 8 * 0.99
     assert rep["steps"][-1] == 8  # the quantization step comes last, at the final rate
     assert any(h.get("kind") == "admm" and h["step"] == len(rep["steps"]) - 1 for h in rep["history"])
+    tops = []
     for n in WEIGHTS:
-        nz = w[n][w[n] != 0]
-        assert len(np.unique(nz)) <= 6  # 3 bits: 7 levels, 0 only where pruned
+        nz = np.unique(w[n][w[n] != 0])
+        # a pruned layer's zeros are stored by position: its kept entries get every 3-bit code,
+        # +-q .. +-4q; a layer the allocation left dense has 7 levels, 0 among them
+        assert len(nz) <= rep["quantization"][n]["levels"] in (7, 8) and rep["quantization"][n]["bits"] == 3
+        mags = np.unique(np.concatenate([[0.0], np.abs(nz)]))
+        q = np.min(np.diff(mags))  # the step, or a multiple of it where a level is unused
+        assert np.allclose(nz / q, np.round(nz / q), atol=1e-4)
+        tops.append(int(np.max(np.abs(np.round(nz / q)))))
+    assert max(tops) <= 4 and rep["quantization"]["fc1.weight"]["levels"] == 8  # 32,768 -> ~2,600
     total = sum(SIZES.values())
     assert total / sum(int(np.count_nonzero(w[n])) for n in WEIGHTS) >= 8 * 0.99
 

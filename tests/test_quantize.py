@@ -89,9 +89,10 @@ def test_uniform_on_grid_and_idempotent(seed, shape, bits):
             for allow_zero in (True, False):
                 wq, grid = quantize_uniform(w, bits, mask, axis=axis, allow_zero=allow_zero)
                 assert grid.kind == "uniform" and grid.group_axis == axis
-                k = 2**bits - (1 if allow_zero else 2)
-                assert grid.levels == k and grid.bits == math.ceil(math.log2(k))
-                check_on_grid(w, wq, grid, mask, 2**bits)
+                # without a zero level the kept entries get the whole code space: 2^bits levels
+                k = 2**bits - 1 if allow_zero else 2**bits
+                assert grid.levels == k and grid.bits == bits == math.ceil(math.log2(k))
+                check_on_grid(w, wq, grid, mask, k + 1)  # + 0 where pruned
                 keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
                 if not allow_zero:
                     assert bool((wq[keep] != 0).all()), "allow_zero=False put a kept entry on 0"
@@ -150,7 +151,7 @@ def test_cluster_on_grid_and_idempotent(seed, shape, k):
 
 def brute_force_uniform(a: np.ndarray, bits: int, allow_zero: bool, n_q: int = 20001) -> float:
     """min over a fine grid of steps of the error of rounding |w| to the nearest level."""
-    top = 2 ** (bits - 1) - 1
+    top = 2 ** (bits - 1) - 1 if allow_zero else 2 ** (bits - 1)
     a = np.abs(a.astype(np.float64))
     if a.size == 0 or a.max() == 0:
         return 0.0

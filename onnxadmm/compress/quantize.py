@@ -16,9 +16,10 @@ Projections (the Z-step of ADMM, and the hard projection before masked retrainin
   from the best grid points, the max-abs step and the smallest non-zero ``|w|``. Measured against
   the exact sweep the search is within ~1e-5 of the optimal squared error per tensor, ~1e-3 per
   channel at 8 bits (where many groups x many levels force a thinner search).
-  ``allow_zero=False`` forbids the 0 level for kept entries (levels ``±q .. ±Lq``; zeros are then only
-  where pruned); with ``allow_zero=True`` kept entries may round to 0, which adds sparsity: use
-  ``wq != 0`` as the new support if you want to count it.
+  ``allow_zero=False`` forbids the 0 level for kept entries, whose codes then have the whole code
+  space to themselves: levels ``±q .. ±2^(bits-1) q`` (``2^bits`` levels; zeros are only where pruned,
+  and their positions are stored apart); with ``allow_zero=True`` kept entries may round to 0, which
+  adds sparsity: use ``wq != 0`` as the new support if you want to count it.
 - :func:`binarize`: ``{-q, +q}`` with ``q = mean|w|`` over the kept entries (optimal), ``sign(0) = +``.
 - :func:`cluster`: 1-D k-means (non-uniform centroids), per tensor or per slice. Lloyd on sorted values
   with prefix sums (O(k log n) per iteration), over-relaxed to cut the iterations plain Lloyd needs on
@@ -38,7 +39,7 @@ Fixed grids (retraining with frozen levels, export):
 Storage: ``Grid.bits = ceil(log2(K))`` counts the levels kept entries may take. Pruned entries are not
 coded (their positions are stored by the sparse encoding), so a pruned binarized tensor holds three
 values but needs 1 bit per kept entry, and a pruned ``allow_zero=False`` grid of ``bits`` bits has
-``2^bits - 2`` levels (``bits=2`` degenerates to ``{-q, +q}``: 1 bit, the same as :func:`binarize`).
+``2^bits`` levels, every code of ``bits`` bits (``bits=2``: ``{±q, ±2q}``).
 A ``-1`` code must be mapped before an ONNX ``Gather`` (which reads it as the last level): append a
 0 level to the codebook, or store the pruned positions separately.
 
@@ -456,7 +457,8 @@ def quantize_uniform(
     """Projection onto symmetric uniform levels of ``bits`` bits, the step fitted to minimise the error.
 
     ``bits >= 2``: levels ``n * q``, ``|n| <= 2^(bits-1) - 1``; ``allow_zero=False`` excludes ``n = 0``
-    for kept entries. ``bits == 1``: :func:`binarize`. ``axis``: one step per slice along it (per output
+    for kept entries and gives them ``1 <= |n| <= 2^(bits-1)`` instead (``2^bits`` levels, as many as
+    ``bits`` bits can code). ``bits == 1``: :func:`binarize`. ``axis``: one step per slice along it (per output
     channel: 0). ``method``: "exact" (breakpoint sweep, O(n L log(n L))), "search" (Lloyd from several
     starts on sorted magnitudes, at most ``iters`` iterations), "auto" (exact when n * L is small).
     """
@@ -470,7 +472,7 @@ def quantize_uniform(
     wk = _work(w)
     keep = _keep(wk, mask)
     rows, keep_rows = _rows(wk, axis), _rows(keep, axis)
-    top, nmin = 2 ** (bits - 1) - 1, 0 if allow_zero else 1
+    top, nmin = (2 ** (bits - 1) - 1, 0) if allow_zero else (2 ** (bits - 1), 1)
     a = rows.abs().cpu()
     kc = keep_rows.cpu()
     if method == "exact" or (method == "auto" and a.numel() * (top - nmin) <= _EXACT_LIMIT):
