@@ -1260,3 +1260,64 @@ def test_high_rate_restart_in_the_last_pruning_step(tmp_path, monkeypatch):
     retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]
     n_prune = len(rep["steps"]) - 1
     assert retrain == list(range(n_prune - 1)) + [n_prune - 1] * 2 + [n_prune]
+
+
+def _matmul_model(w: np.ndarray, opset: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = TensorProto.FLOAT16 if w.dtype == np.float16 else TensorProto.FLOAT
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", t, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", t, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    m = onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7
+    return m
+
+
+def test_storage_choice_prices_float16_weights_at_two_bytes():
+    """The training state is float32, but a float16 model's file keeps 2-byte weights: a packed form
+    larger than the float16 tensor is not kept, and COO (2 + 8 bytes a non-zero) is not chosen at a
+    density where dense float16 is smaller."""
+    from types import SimpleNamespace
+
+    from onnxadmm.compress import pipeline as pl
+
+    rng = np.random.default_rng(0)
+    levels = np.linspace(-1, 1, 200).astype(np.float16)
+    w16 = levels[rng.integers(0, 200, (20, 30))]  # ~200 levels: 8-bit codes + a 200-entry codebook
+    proto = _matmul_model(w16, 13)
+    state = {"w": w16.astype(np.float32)}
+    grid = SimpleNamespace(codebook=torch.tensor(np.unique(w16).astype(np.float32))[None], group_axis=None)
+    encodings = pl._encodings("auto", {"w": grid}, state, proto, sparse_ok=True)
+    assert encodings  # a packed form exists, but takes more room than 1,200 bytes of float16
+    kept, _ = pl._select_storage("auto", encodings, state, proto)
+    assert kept == {}
+    quarter = w16.copy()
+    quarter[rng.random(quarter.shape) > 0.25] = 0  # 25% dense: COO 10 B a non-zero > 2 B a weight
+    assert pl._pick_format("auto", {"w": quarter.astype(np.float32)}, proto) == set()
+    assert pl._pick_format("auto", {"w": quarter.astype(np.float32)}, _matmul_model(quarter.astype(np.float32), 13)) == {"w"}
+
+
+def test_dense_encoding_priced_against_coo():
+    """Without sparse decoders (opset 9 that cannot be raised), a pruned, quantized weight gets a
+    dense codebook encoding; it is kept only if smaller than the COO tensor the weight would get."""
+    from types import SimpleNamespace
+
+    from onnxadmm.compress import pipeline as pl
+
+    rng = np.random.default_rng(0)
+    levels = np.linspace(-1, 1, 7).astype(np.float32)
+    w = levels[rng.integers(0, 7, (200, 300))]
+    w[rng.random(w.shape) > 0.01] = 0  # 1% dense: COO ~7 KB, dense 3-bit codes ~22 KB
+    proto = _matmul_model(w, 9)
+    state = {"w": w}
+    grid = SimpleNamespace(codebook=torch.tensor(np.append(levels, 0))[None], group_axis=None)
+    encodings = pl._encodings("auto", {"w": grid}, state, proto, sparse_ok=False)
+    assert not encodings["w"].sparse
+    assert pl._select_storage("auto", encodings, state, proto, coo={"w"})[0] == {}
+    assert pl._select_storage("auto", encodings, state, proto)[0] == {}  # coo worked out by default
+    assert pl._select_storage("auto", encodings, state, proto, coo=set())[0] == encodings  # vs 240 KB dense

@@ -1001,3 +1001,33 @@ def test_bundle_leaves_out_what_does_not_pay():
     out = apply_storage(low, encs)
     assert st.default_opset(out) == 9 and not _bundle_entries(out)
     _check_exact(low, out)
+
+
+def test_decoder_names_avoid_names_in_subgraphs():
+    """An If branch whose tensor is named like a decoder's (``_A1``): a subgraph sees its outer
+    graph's names, so the decoder must take another prefix or the model is not in SSA form."""
+    w = np.array([[0.5, 0, -0.5, 0.25]] * 4, np.float32)
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["_A1"]), helper.make_node("Identity", ["_A1"], ["t_out"])],
+        "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e_out"])], "else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 4])]
+    )  # fmt: skip
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["z"], then_branch=then, else_branch=other), helper.make_node("MatMul", ["z", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    out = apply_storage(m, {"w": encode_from_values(w, [0.5, -0.5, 0.25, 0.0], sparse=False)}, bundle=False)
+    onnx.checker.check_model(out, full_check=True)
+    assert not any(o.startswith("_A") for n in out.graph.node for o in n.output)
+    for c in (True, False):
+        feeds = {"x": np.arange(4, dtype=np.float32)[None], "c": np.array(c)}
+        ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert np.array_equal(got, ref)

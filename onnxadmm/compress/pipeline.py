@@ -97,12 +97,13 @@ def _pick_format(fmt: str, weights: dict[str, np.ndarray], original: onnx.ModelP
     if fmt == "dense":
         return set()
     inits = {t.name for t in original.graph.initializer}
+    dtypes = _weight_dtypes(original)  # the training state is float32; the file keeps float16 as is
     out = set()
     for name, w in weights.items():
         if name not in inits:
             continue
         nnz = int(np.count_nonzero(w))
-        itemsize = 2 if w.dtype == np.float16 else 4
+        itemsize = dtypes.get(name, np.dtype(np.float32)).itemsize
         if fmt == "sparse" or nnz * (itemsize + 8) < w.size * itemsize:
             out.add(name)
     return out
@@ -370,7 +371,8 @@ def compress(
     encodings.update(
         _compact_sparse(fmt, {n: state[n] for n in pruned if n not in encodings}, proto, sparse_ok)
     )
-    encodings, layout = _select_storage(fmt, encodings, state, proto)
+    coo = _pick_format(fmt, {n: state[n] for n in pruned}, proto)  # each one's form if left unpacked
+    encodings, layout = _select_storage(fmt, encodings, state, proto, coo=coo)
     sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
@@ -815,22 +817,26 @@ def _encodings(
 
 
 def _select_storage(
-    fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto, bundle: bool = True
+    fmt: str, encodings: dict, state: dict, proto: onnx.ModelProto, bundle: bool = True, coo: set | None = None
 ) -> tuple[dict, tuple | None]:
     """With ``auto``, the encodings that make the file smaller (the others' weights stay plain, or
-    COO sparse when pruned): shared decoders (bundles, unless ``bundle`` is False) where the opset
-    allows, else each weight's own decoder against its plain (or COO) bytes; and that layout
-    ``(bundles, singles)`` for :func:`~onnxadmm.export.storage.apply_storage`. ``codebook`` keeps
-    them all (layout None: apply_storage chooses)."""
+    COO sparse: ``coo`` names those that would be, by default every weight with zeros where COO is
+    smaller): shared decoders (bundles, unless ``bundle`` is False) where the opset allows, else each
+    weight's own decoder against its plain (or COO) bytes, priced in the dtype the file stores; and
+    that layout ``(bundles, singles)`` for :func:`~onnxadmm.export.storage.apply_storage`.
+    ``codebook`` keeps them all (layout None: apply_storage chooses)."""
     if fmt != "auto" or not encodings:
         return encodings, None
     from ..export.storage import default_opset, select_storage
 
+    if coo is None:
+        coo = _pick_format("auto", {n: np.asarray(state[n]) for n in encodings}, proto)
+    dtypes = _weight_dtypes(proto)
     opset = max([default_opset(proto)] + [11 for e in encodings.values() if e.sparse])
     plain = {}
-    for n, enc in encodings.items():
-        w = np.asarray(state[n])
-        plain[n] = min(_plain_cost(n, w), _coo_cost(n, w)) if enc.sparse else _plain_cost(n, w)
+    for n in encodings:
+        w = np.asarray(state[n]).astype(dtypes.get(n, np.dtype(np.float32)))
+        plain[n] = min(_plain_cost(n, w), _coo_cost(n, w)) if n in coo else _plain_cost(n, w)
     bundles, singles = select_storage(encodings, opset, plain=plain, bundle=bundle)
     keep = {n for names in bundles for n in names} | set(singles)
     return {n: e for n, e in encodings.items() if n in keep}, (bundles, singles)

@@ -1100,6 +1100,26 @@ def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _iter_nodes(g)
 
 
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield from _subgraphs(g)
+
+
+def _names_in(graph: onnx.GraphProto) -> set[str]:
+    """Every name used in ``graph`` and its subgraphs (tensors, nodes, inputs, outputs, value infos):
+    a new name must differ from all of them, since a subgraph sees the names of its outer graphs."""
+    names: set[str] = set()
+    for g in _subgraphs(graph):
+        names |= {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
+        names |= {v.name for v in (*g.input, *g.output, *g.value_info)}
+        names |= {n.name for n in g.node} | {o for n in g.node for o in n.output}
+    return names
+
+
 def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """``model`` with its default-domain opset raised to ``target`` (see the module docstring)."""
     old = default_opset(model)
@@ -1314,13 +1334,7 @@ def apply_storage(
 
     inits = {t.name: i for i, t in enumerate(graph.initializer)}
     sparse_inits = {s.values.name: i for i, s in enumerate(graph.sparse_initializer)}
-    taken = (
-        {t.name for t in graph.initializer}
-        | {s.values.name for s in graph.sparse_initializer}
-        | {v.name for v in graph.input}
-        | {o for n in graph.node for o in n.output}
-        | {n.name for n in graph.node}
-    )
+    taken = _names_in(graph)
     tags = _free_tags(taken)
     drop_init, drop_sparse = set(), set()
     for name, enc in encodings.items():
