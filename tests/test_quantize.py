@@ -505,3 +505,28 @@ def test_float16_levels_cluster_and_out_of_range():
     assert torch.equal(float16_levels(huge).codebook, huge.codebook)
     zero = Grid(torch.zeros(1, 3), None, "uniform", 2, torch.zeros(1))  # an all-zero layer's grid
     assert torch.equal(float16_levels(zero).codebook, zero.codebook)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_float16_levels_pruned_grids(bits):
+    """A pruned layer's grid (no zero level, 2^bits levels up to 2^(bits-1) steps): up to 3 bits
+    every group snaps (the top level moves by at most 4/511 of a step); at 4 bits (up to 8/255) a
+    group may keep its step, and no level moves by more than 1/32 of a step either way."""
+    w = rand_weight(3, (16, 3, 3, 3)) * 0.05
+    mask = rand_mask(3, w.shape)
+    _, grid = quantize_uniform(w, bits, mask, axis=0, allow_zero=False)
+    out = float16_levels(grid)
+    book, new = grid.codebook.double(), out.codebook.double()
+    assert bool(((new - book).abs() <= grid.step.double()[:, None] / 32).all())
+    exact = (new.float().half().double() == new).all(1)
+    assert bool(exact.all()) if bits <= 3 else bool(exact.float().mean() >= 0.5)
+
+
+def test_float16_levels_clusters_with_repeated_centroids():
+    """cluster() repeats a centroid where a group has fewer distinct values than clusters; the gap
+    that bounds the move is to the nearest *other* value, so such groups still go to float16."""
+    w = torch.tensor([[0.1001, -0.2003, 0.1001, 0.3007], [0.11, 0.52, -0.33, 0.71]])
+    _, grid = cluster(w, 4, axis=0)
+    assert grid.codebook[0].unique().numel() < 4  # row 0 has three distinct values
+    out = float16_levels(grid)
+    assert torch.equal(out.codebook, grid.codebook.half().float())

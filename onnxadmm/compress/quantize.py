@@ -767,9 +767,9 @@ def float16_levels(grid: Grid, tolerance: float = 1 / 32) -> Grid:
 
     Uniform and binary grids: the step of each group becomes the nearest ``M * 2**e`` with ``M <=
     2047 // top`` (``top`` the largest level index), so every level ``n * step`` has at most 11
-    significant bits. That moves the step by at most ``top / (2047 // top)`` of itself at the top
-    level: up to 4 bits (``top <= 7``) at most 2.4% of a step, always within the tolerance; at 8
-    bits mostly beyond it, and those groups keep their step. Clustered grids: centroids rounded to
+    significant bits. That moves the top level by at most ``top / (2047 // top)`` of a step: 2.4% at
+    ``top = 7`` (4 bits), within the tolerance; 3.1% at ``top = 8`` (4-bit pruned layers), so the
+    rare group that far keeps its step; at 8 bits mostly beyond it, and those groups keep theirs. Clustered grids: centroids rounded to
     float16. Groups whose levels fall outside float16's normal range keep theirs."""
     book = grid.codebook.detach().to(_F64).cpu()
     if grid.step is not None:
@@ -784,7 +784,11 @@ def float16_levels(grid: Grid, tolerance: float = 1 / 32) -> Grid:
         levels = book.float().half().to(_F64)
         new = None
         srt = book.sort(1).values
-        gap = (srt[:, 1:] - srt[:, :-1]).amin(1) if book.shape[1] > 1 else book.abs().amax(1)
+        # the nearest other distinct centroid (cluster() repeats a centroid where a group has fewer
+        # distinct values than clusters); a group of one value: its magnitude
+        d = srt[:, 1:] - srt[:, :-1]
+        gap = torch.where(d > 0, d, torch.full_like(d, math.inf)).amin(1) if book.shape[1] > 1 else None
+        gap = book.abs().amax(1) if gap is None else torch.where(gap.isinf(), book.abs().amax(1), gap)
     exact = (levels.float().half().to(_F64) == levels).all(1)
     normal = ((levels == 0) | (levels.abs() >= 2**-14)).all(1) & (levels.abs() <= 65504).all(1)
     close = ((levels - book).abs() <= tolerance * gap[:, None]).all(1)
