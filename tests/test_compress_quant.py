@@ -373,3 +373,13 @@ def test_finalize_moves_levels_to_float16_keeping_every_code(half):
     fc1 = e.params["fc1.weight"].detach()
     codes = e.state.codes["fc1.weight"]
     assert all(torch.all(fc1[codes == j] == book[0, j]) for j in range(4))
+
+
+def test_zero_level_keeps_a_zero_among_the_levels(tmp_path):
+    """``zero_level=True``: a pruned layer's 3-bit grid is the symmetric -3q..3q (kept weights may
+    round to 0 and prune further), as before session 17; the default gives them +-q .. +-4q."""
+    rep, w = run(tmp_path, "z", rate=8, bits=3, zero_level=True)
+    assert rep["config"]["zero_level"] is True
+    assert rep["quantization"]["fc1.weight"]["levels"] == 7
+    nz = np.unique(w["fc1.weight"][w["fc1.weight"] != 0])
+    assert len(nz) <= 6

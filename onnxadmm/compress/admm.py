@@ -47,20 +47,21 @@ class QuantSpec:
     bits: int | None = None
     clusters: int | None = None
     axis: int | None = None
+    zero_level: bool = False  # a pruned layer keeps a zero level (2^bits - 1 levels) below 8 bits
 
     def project(self, w: torch.Tensor, mask: torch.Tensor | None):
         """Projection onto the layer's value set; ``mask``: the kept entries of a pruned layer (None:
         dense). A pruned layer's zeros are stored by position, not by code, so below 8 bits its kept
         entries get every code of ``bits`` bits: ``2^bits`` non-zero levels (+-q .. +-2^(bits-1) q;
-        3 bits: 8 levels instead of 6 around a zero level). 8 bits keep the symmetric int8 range
-        (-127..127), which integer kernels can run."""
+        3 bits: 8 levels instead of 6 around a zero level), unless ``zero_level``. 8 bits keep the
+        symmetric int8 range (-127..127), which integer kernels can run."""
         from .quantize import binarize, cluster, quantize_uniform
 
         if self.clusters:
             return cluster(w, self.clusters, mask=mask)
         if self.bits == 1:
             return binarize(w, mask=mask, axis=self.axis)
-        dense_codes = mask is None or self.bits >= 8
+        dense_codes = mask is None or self.bits >= 8 or self.zero_level
         return quantize_uniform(w, self.bits, mask=mask, axis=self.axis, allow_zero=dense_codes)
 
 

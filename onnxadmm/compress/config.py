@@ -89,6 +89,12 @@ class CompressConfig:
     # grids stay): the codebooks in the file take half the bytes (LeNet-5 pruned 259x at 3 bits: 56
     # of its ~1,770 bytes of weights)
     float16_levels: bool = True
+    # uniform levels of a pruned layer (below 8 bits): False gives its kept weights every code of
+    # --bits (2^bits non-zero levels, its zeros stored by position); True keeps a zero level among
+    # 2^bits - 1 symmetric ones, so kept weights may round to 0 and prune further. LeNet-5 two-step
+    # (filter 20x, then 12.5x + bits inside): 2 bits 98.45% against 97.84%; 3 bits 98.91% against
+    # 99.02% / 98.79% / 98.77% (docs/benchmarks.md, session 17)
+    zero_level: bool = False
     pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
     # class, added to the distillation of classifier outputs (0: distillation alone)
     val_fraction: float = 0.1  # held out when no --val-data is given

@@ -925,7 +925,7 @@ def _quant_specs(cfg: CompressConfig, weights) -> dict:
         if cfg.clusters and not (cfg.edge_bits and w.name in edges):
             out[w.name] = QuantSpec(clusters=int(cfg.clusters))
         else:
-            out[w.name] = QuantSpec(bits=int(bits), axis=axis)
+            out[w.name] = QuantSpec(bits=int(bits), axis=axis, zero_level=bool(cfg.zero_level))
     return out
 
 
