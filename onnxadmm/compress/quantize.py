@@ -769,8 +769,8 @@ def float16_levels(grid: Grid, tolerance: float = 1 / 32) -> Grid:
     2047 // top`` (``top`` the largest level index), so every level ``n * step`` has at most 11
     significant bits. That moves the top level by at most ``top / (2047 // top)`` of a step: 2.4% at
     ``top = 7`` (4 bits), within the tolerance; 3.1% at ``top = 8`` (4-bit pruned layers), so the
-    rare group that far keeps its step; at 8 bits mostly beyond it, and those groups keep theirs. Clustered grids: centroids rounded to
-    float16. Groups whose levels fall outside float16's normal range keep theirs."""
+    rare group that far keeps its step; at 8 bits mostly beyond it, and those groups keep theirs.
+    Clustered grids: centroids rounded to float16. Groups whose levels fall outside float16's normal range keep theirs."""
     book = grid.codebook.detach().to(_F64).cpu()
     if grid.step is not None:
         step = grid.step.detach().to(_F64).cpu().clamp(min=0)

@@ -9,7 +9,9 @@ codebook storage, ONNX sparse initializers, int8 QDQ, plain float tensors):
   codebook; otherwise the raw float width), positions as relative indices at ``r`` bits with a filler
   entry wherever a run of zeros is longer than ``2**r - 1`` (``r`` in 1..16 chosen per tensor), or no
   positions when dense storage is smaller; no container or decoder overhead;
-- the compression ratios of both against the weights at fp32.
+- the compression ratios of both against the weights at fp32;
+- each layer's ``layout`` (codes or raw values; dense, bitmap or relative positions; shared decoder)
+  and ``bits`` per stored code (fractional where several codes are packed into one base-K number).
 """
 
 from __future__ import annotations
