@@ -373,7 +373,7 @@ def compress(
     )
     coo = _pick_format(fmt, {n: state[n] for n in pruned}, proto)  # each one's form if left unpacked
     encodings, layout = _select_storage(fmt, encodings, state, proto, coo=coo)
-    sparse = _pick_format(fmt, {n: state[n] for n in pruned if n not in encodings}, proto)
+    sparse = coo - set(encodings)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
     ref_path = in_path
     if out_path.exists() and out_path.resolve() == in_path.resolve():
@@ -398,7 +398,7 @@ def compress(
             log(f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead")
             packed_error = str(exc)
             encodings = {}
-            sparse = _pick_format(fmt, {n: state[n] for n in pruned}, proto)
+            sparse = coo
             export_onnx(proto, state, out_path, sparse=sparse, force=force)
         else:
             save_model(packed, out_path)  # atomic: out_path is either untouched or complete

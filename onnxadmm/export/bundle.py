@@ -362,6 +362,11 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
     return b, entry
 
 
+def too_big(members: list[Member]) -> bool:
+    """Whether the members' codes alone exceed :data:`MAX_BITS` (no bundle is made of them)."""
+    return sum(m.skips.size for m in members) * max(m.bits for m in members) > MAX_BITS
+
+
 def meta_bytes(tag: str, entry: dict) -> int:
     """Bytes the bundle's metadata entry adds to the ``onnxadmm.storage`` JSON."""
     return len(json.dumps({tag: entry}, sort_keys=True, separators=(",", ":")).encode()) - 2
@@ -379,7 +384,7 @@ def build(
         raise OnnxAdmmError("bundle: every member needs the same dtype")
     if not all(np.any(m.codes) for m in members):
         raise OnnxAdmmError("bundle: a member is all zeros")
-    if sum(m.skips.size for m in members) * max(m.bits for m in members) > MAX_BITS:  # the codes alone
+    if too_big(members):
         raise OnnxAdmmError(f"bundle: more than {MAX_BITS} bits of payload")
     if sum(m.size for m in members) > st._INT32_LIMIT:
         raise OnnxAdmmError("bundle: more elements than int32 positions address")

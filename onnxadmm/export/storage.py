@@ -1249,7 +1249,7 @@ def select_storage(
             return math.inf
 
     for members in groups.values():
-        if sum(int(np.count_nonzero(m.codes)) for m in members) * max(m.bits for m in members) > bd.MAX_BITS:
+        if bd.too_big(members):
             continue  # too big for a bundle (see bundle.MAX_BITS): one decoder per weight
         if bundle == "always":
             bundles.append([m.name for m in members])
@@ -1438,17 +1438,18 @@ def _weights_meta(meta: dict) -> dict[str, dict]:
 
     out = {}
     for key, d in meta.items():
-        if isinstance(d, dict) and d.get("format") == bd.FORMAT:
+        if _is_bundled(d):
             out.update(bd.expand_meta(key, d))
         else:
             out[key] = d
     return out
 
 
-def _is_bundled(description: dict) -> bool:
+def _is_bundled(description) -> bool:
+    """Whether a metadata entry is a bundle's (or a description of one of its members)."""
     from . import bundle as bd
 
-    return description.get("format") == bd.FORMAT
+    return isinstance(description, dict) and description.get("format") == bd.FORMAT
 
 
 def _owned_nodes(graph: onnx.GraphProto, weight: str, description: dict) -> list[onnx.NodeProto]:
@@ -1568,7 +1569,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
     result: dict[str, dict] = {}
     owned: set[str] = set()
     for tag, entry in raw_meta.items():
-        if isinstance(entry, dict) and entry.get("format") == bd.FORMAT:
+        if _is_bundled(entry):
             members = bd.expand_meta(tag, entry)
             if not _owned_nodes(graph, next(iter(members)), next(iter(members.values()))):
                 log.warning("%s lists bundle %r but the model has no decoder for it", METADATA_KEY, tag)
@@ -1576,7 +1577,7 @@ def analyze(model: onnx.ModelProto) -> dict[str, dict]:
             entries, inits = _bundle_entries(graph, tag, members)
             result.update(entries)
             owned |= inits
-    meta = {k: d for k, d in raw_meta.items() if not (isinstance(d, dict) and d.get("format") == bd.FORMAT)}
+    meta = {k: d for k, d in raw_meta.items() if not _is_bundled(d)}
     for name, d in meta.items():
         nodes, inits = _decoder_parts(graph, name, d)
         if not nodes:
