@@ -26,7 +26,7 @@ from onnxadmm_cli.main import cli
 from onnxadmm.compress.admm import Engine, Unit
 from onnxadmm.compress.config import CompressConfig
 from onnxadmm.compress.objective import training_heads
-from onnxadmm.compress.pipeline import compress
+from onnxadmm.compress.pipeline import compress, format_report
 from onnxadmm.compress.pruning import allocate
 from onnxadmm.data import Dataset, input_specs_of, load_data
 from onnxadmm.errors import ConfigError, DataError
@@ -1149,8 +1149,10 @@ def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "apply_storage", broken)
     logs: list[str] = []
     out = tmp_path / "auto.onnx"
-    rep = compress(MODEL, out, "digits", rate=20, log=logs.append, quiet=True, **FAST)
+    with pytest.warns(RuntimeWarning, match="packed storage not possible"):  # quiet: still warned
+        rep = compress(MODEL, out, "digits", rate=20, log=logs.append, quiet=True, **FAST)
     assert any("packed storage not possible" in line for line in logs)
+    assert "warning: packed storage was not possible" in format_report(rep)
     assert rep["format"]["codebook_tensors"] == [] and rep["format"]["sparse_tensors"]
     assert rep["format"]["packed_error"] == "simulated converter failure"
     check_output_matches_report(out, rep)

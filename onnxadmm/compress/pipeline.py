@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -395,8 +396,11 @@ def compress(
         except OnnxAdmmError as exc:
             if fmt != "auto":
                 raise
-            log(f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead")
             packed_error = str(exc)
+            msg = f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead"
+            log(msg)
+            if quiet:  # the report's summary also says so; API users in quiet mode get a warning
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
             encodings = {}
             sparse = coo
             export_onnx(proto, state, out_path, sparse=sparse, force=force)
@@ -1063,6 +1067,11 @@ def format_report(rep: dict) -> str:
         )
         + (", int8 integer kernels (QDQ)" if rep["format"].get("int8") else "")
     )
+    if rep["format"].get("packed_error"):
+        lines.append(
+            "warning: packed storage was not possible, plain tensors written instead: "
+            + rep["format"]["packed_error"]
+        )
     st = rep.get("storage") or {}
     if st.get("total"):
         from ..validate.storage_report import format_storage_report
