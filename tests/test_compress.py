@@ -854,7 +854,8 @@ def test_cli_config_file_layer_rate_and_exclude(tmp_path, kind):
     check_report(rep)
     check_output_matches_report(out, rep)
     layers = {x["name"]: x for x in rep["layers"]}
-    assert layers["conv2.weight"]["nonzero"] == round(4608 / 10)  # the fixed per-layer rate
+    conv2 = layers["conv2.weight"]  # the fixed per-layer rate (in training: dead filters are cut after)
+    assert conv2.get("nonzero_trained", conv2["nonzero"]) == round(4608 / 10) >= conv2["nonzero"]
     fc2 = layers["fc2.weight"]
     assert fc2.get("nonzero_trained", fc2["nonzero"]) == fc2["params"] == 640  # excluded: not pruned
     assert "fc2.weight" not in sparse_names(out) and "fc2.weight" not in rep["format"]["sparse_tensors"]

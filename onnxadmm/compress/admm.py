@@ -99,6 +99,7 @@ class Engine:
         biases: dict[str, list[str]] | None = None,
         views: dict[str, tuple[int, ...]] | None = None,
         couples: list[list[str]] | None = None,
+        scales: dict[str, torch.Tensor] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
@@ -121,6 +122,9 @@ class Engine:
             n: [b for b in bs if b in trainable] for n, bs in (biases or {}).items() if n in self.groups
         }
         self.bias_params = {b: module.parameter_for(b) for bs in self.biases.values() for b in bs}
+        # activation importance: each layer's per-entry factor on |w| when choosing what it keeps
+        # (:mod:`.importance`; absent: plain magnitude)
+        self.scales = dict(scales or {})
         self.rng = np.random.default_rng(cfg.seed)
         self.state = State()
 
@@ -242,9 +246,11 @@ class Engine:
                     p.grad.add_(term, alpha=lam)
 
     def supports(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """Each layer's support at ``step`` (the kept count inside its existing mask): coupled layers
-        (:attr:`couples`) choose their filters together, the others alone."""
-        return supports(ws, self.keep[step], self.groups, self.views, self.state.masks, self.couples)
+        """Each layer's support at ``step`` (the kept count inside its existing mask), ranked by |w|
+        times the layer's input factor where :attr:`scales` has one: coupled layers (:attr:`couples`)
+        choose their filters together, the others alone."""
+        ranked = {n: w * self.scales[n] if n in self.scales else w for n, w in ws.items()}
+        return supports(ranked, self.keep[step], self.groups, self.views, self.state.masks, self.couples)
 
     def project(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Euclidean projection of each ``ws[n]`` onto layer ``n``'s set at ``step``: the support first

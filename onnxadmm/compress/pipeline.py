@@ -238,11 +238,19 @@ def compress(
         start = {n: max(1, min(sizes[n], int(torch.count_nonzero(module.parameter_for(n))))) for n in sizes}
     groups, biases, views, couples = _structure(cfg, proto, weights, log)
     cfg.allocation_power = cfg.power()  # (auto resolved: the report shows the value used)
+    scales = {}
+    if cfg.importance == "activation" and cfg.rate > 1:  # what each layer keeps: |w| x its input's rms
+        from .importance import input_scales
+
+        scales = input_scales(proto, module, [w for w in weights if w.name in sizes], train.inputs, device,
+                              cfg.batch_size, seed=cfg.seed)  # fmt: skip
     rate = cfg.rate  # the rate training prunes to (non-zero weights)
     if groups and cfg.shrink and cfg.rate > 1:
         # --rate counts the weights written: a removed filter takes the next layer's slices with it,
         # so training stops at the lower rate whose smaller layers hold total/--rate weights
-        rate = _written_rate(cfg, proto, module.onnx_state(), sizes, start, groups, views, biases, couples)
+        rate = _written_rate(
+            cfg, proto, module.onnx_state(), sizes, start, groups, views, biases, couples, scales
+        )
         log(
             f"{cfg.structure} pruning: {rate:.3g}x of the weights in training leaves layers "
             f"{cfg.rate:.3g}x smaller once the removed channels are cut out"
@@ -280,7 +288,7 @@ def compress(
     cfg.epochs_per_iteration = cfg.iteration_epochs()
     engine = Engine(
         module, heads, train, val, teacher_out, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
-        views=views, couples=couples,
+        views=views, couples=couples, scales=scales,
     )  # fmt: skip
     units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
@@ -602,7 +610,16 @@ def _same_outputs(a: list, b: list) -> tuple[bool, float]:
 
 
 def _written_rate(
-    cfg, proto, state: dict, sizes: dict, start: dict, groups: dict, views: dict, biases: dict, couples: list
+    cfg,
+    proto,
+    state: dict,
+    sizes: dict,
+    start: dict,
+    groups: dict,
+    views: dict,
+    biases: dict,
+    couples: list,
+    scales: dict | None = None,
 ) -> float:
     """Structured pruning: the training rate (non-zero weights) at which the layers written after
     shrinking hold ``total / cfg.rate`` weights. Each trial masks the current weights as training's
@@ -625,7 +642,8 @@ def _written_rate(
         ks = {n: min(keep[n], start[n]) for n in sizes}
         ws = {n: torch.as_tensor(np.asarray(state[n], np.float32)) for n in sizes if ks[n] < sizes[n]}
         alloweds = {n: (w != 0) if start[n] < sizes[n] else None for n, w in ws.items()}
-        masks = supports(ws, ks, groups, views, alloweds, couples)  # what training's projection keeps
+        ranked = {n: w * scales[n].cpu() if n in (scales or {}) else w for n, w in ws.items()}
+        masks = supports(ranked, ks, groups, views, alloweds, couples)  # what training's projection keeps
         for n, w in ws.items():
             dims, mask = groups.get(n), masks[n]
             st[n] = (w * mask).numpy()

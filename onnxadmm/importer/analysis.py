@@ -79,6 +79,7 @@ class WeightInfo:
     dtype: int  # ONNX element type
     out_axis: int | None = None  # axis of output channels/filters (weights only)
     in_axis: int | None = None  # axis of input channels
+    slot: int | None = None  # the consuming node's input index that the weight (or its view) feeds
 
     @property
     def params(self) -> int:
@@ -462,7 +463,7 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
         if role == "weight":
             view, axes = _view_axes(shape, chain, const_value) if chain else (shape, list(range(len(shape))))
             out_axis, in_axis = (None if a is None else axes[a] for a in _axes(op, idx, tuple(view), node))
-        found[src] = WeightInfo(src, op, node.name or node.output[0], role, shape, dtype, out_axis, in_axis)
+        found[src] = WeightInfo(src, op, node.name or node.output[0], role, shape, dtype, out_axis, in_axis, idx)
 
     def visit(node, producers: dict, consts: dict) -> None:
         if node.domain not in ("", "ai.onnx", "com.microsoft"):

@@ -143,6 +143,7 @@ class OnnxGraphModule(nn.Module):
         self._program = program
         self._output_slots = [slot(n) for n in self.output_names]
         self._n_slots = len(slot_of)
+        self._slot_of = dict(slot_of)  # every value's slot: :meth:`values` reads intermediate ones
 
     # ---- names -------------------------------------------------------------------------------
     def onnx_name(self, attr: str) -> str:
@@ -164,6 +165,17 @@ class OnnxGraphModule(nn.Module):
 
     # ---- run ---------------------------------------------------------------------------------
     def forward(self, *inputs, **named):
+        env = self._execute(inputs, named)
+        out = [env[s] for s in self._output_slots]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def values(self, names: Sequence[str], *inputs) -> dict:
+        """The tensors ``names`` (graph inputs or node outputs of the main graph that this module
+        computes) on ``inputs``; names it does not compute are left out."""
+        env = self._execute(inputs, {})
+        return {n: env[self._slot_of[n]] for n in names if n in self._slot_of and env[self._slot_of[n]] is not None}
+
+    def _execute(self, inputs, named) -> list:
         if named:
             inputs = tuple(inputs) + tuple(named[n] for n in self.input_names[len(inputs) :])
         if len(inputs) != len(self.input_names):
@@ -183,8 +195,7 @@ class OnnxGraphModule(nn.Module):
                 first = False
             env[s] = x
         _run(self._program, env)
-        out = [env[s] for s in self._output_slots]
-        return out[0] if len(out) == 1 else tuple(out)
+        return env
 
 
 def _declared(t: onnx.TypeProto) -> tuple[torch.dtype | None, list[int] | None]:
