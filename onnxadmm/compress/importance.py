@@ -163,4 +163,3 @@ def input_scales(
         if s is not None:
             out[name] = torch.from_numpy(np.array(s, dtype=np.float32)).to(device)
     return out
-
