@@ -155,6 +155,13 @@ def _defaults():
     "channels are cut out of the ONNX layers, which become physically smaller. [default: none]",
 )
 @click.option(
+    "--importance",
+    type=click.Choice(["activation", "magnitude"]),
+    help="What a pruned layer keeps: activation ranks each weight by |w| times the rms of the input "
+    "it multiplies on the training data (weights on near-dead inputs go first); magnitude by |w|. "
+    "[default: activation]",
+)
+@click.option(
     "--shrink/--no-shrink",
     default=None,
     help="Cut the channels that pruning leaves without effect (a filter pruned whole, an input no "

@@ -363,6 +363,23 @@ def test_pseudo_labels_add_cross_entropy_on_the_originals_top1():
     )
 
 
+def test_labels_train_the_first_output_and_distill_the_others():
+    """Labels describe the first output; a second (regression) output is distilled from the original
+    even when distillation is off for the first (weight 1), so it is not left to drift."""
+    from torch.nn import functional as F
+
+    from onnxadmm.compress.objective import Head, loss_fn
+
+    torch.manual_seed(0)
+    heads = [Head("logits", "logits", 1), Head("score", "regression")]
+    s, t = [torch.randn(16, 10), torch.randn(16, 1)], [torch.randn(16, 10), torch.randn(16, 1)]
+    labels = torch.arange(16) % 10
+    got = float(loss_fn(heads, s, labels, t, 0.0, 2.0))
+    assert got == pytest.approx(float(F.cross_entropy(s[0], labels) + F.mse_loss(s[1], t[1])), rel=1e-5)
+    single = float(loss_fn(heads[:1], s[:1], labels, t[:1], 0.0, 2.0))  # one output: labels alone
+    assert single == pytest.approx(float(F.cross_entropy(s[0], labels)), rel=1e-6)
+
+
 def test_sigmoid_classifier_head_trains_on_the_sigmoid_input():
     """A rank-2 output made by Sigmoid is a classifier whose logits are the Sigmoid's input; a
     rank-4 Sigmoid map (segmentation) stays a regression output."""

@@ -299,3 +299,35 @@ def test_mixed_grids_model_path_qoperator(tmp_path):
     qi = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     assert np.all(qi["W2_scale"] == s2)
     assert np.array_equal(qi["W2_quantized"].astype(np.float32) * qi["W2_scale"].reshape(-1, 1), w2)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_minus_inf_mask_stays_float(tmp_path, fmt):
+    """An additive attention-style mask of -inf has no finite range: the nodes that read or write it
+    stay in float (onnxruntime would give them an infinite scale), the weights still go int8."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.3, (8, 6)).astype(np.float32)
+    mask = np.array([0, -np.inf, 0, 0, -np.inf, 0], np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["s"]),
+        helper.make_node("Add", ["s", "mask"], ["m"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Softmax", ["m"], ["y"], axis=-1),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        {"W": w, "mask": mask},
+    )
+    g, sc = project_to_int8_grid(w, None)
+    cal = rng.normal(size=(64, 8)).astype(np.float32)
+    out = tmp_path / "m.onnx"
+    info = export_int8(model, {"W": g}, {"W": sc}, out, {"x": cal}, fmt=fmt)
+    assert "m" in info["left_float_nonfinite"] or "mask" in info["left_float_nonfinite"]
+    q = onnx.load(str(out))
+    scales = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(np.isfinite(s).all() for s in scales)
+    ref = _run(_with(model, {"W": g}), cal)
+    got = _run(out, cal)
+    assert np.all(got[:, [1, 4]] == 0) and np.abs(got - ref).max() < 0.05

@@ -179,3 +179,35 @@ def test_layout_column(compressed):
     assert r.exit_code == 0 and "layout" in r.output.splitlines()[0]
     for x in storage_report(compressed["codebook"])["layers"]:
         assert x["layout"] in r.output
+
+
+def test_recurrent_weights_are_reported(tmp_path):
+    """An LSTM's W and R are compressible weights (pruned and quantized weight by weight): the report
+    lists them, with their non-zeros, beside the head's MatMul weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(1, 16, 3)).astype(np.float32)
+    w[:, ::2] = 0
+    r = rng.normal(size=(1, 16, 4)).astype(np.float32)
+    head = rng.normal(size=(4, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], hidden_size=4),
+        helper.make_node("Squeeze", ["h", "ax"], ["hs"]),
+        helper.make_node("MatMul", ["hs", "head"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in {"W": w, "R": r, "head": head}.items()]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "ax"))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    path = tmp_path / "lstm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), path)
+    rep = storage_report(path)
+    layers = {x["name"]: x for x in rep["layers"]}
+    assert set(layers) == {"W", "R", "head"}
+    assert layers["W"]["params"] == 48 and layers["W"]["nonzero"] == 24 and layers["R"]["nonzero"] == 64

@@ -136,17 +136,21 @@ def loss_fn(
     heads: list[Head], outs, labels, teacher, distill: float, temperature: float, pseudo: float = 0.0
 ) -> torch.Tensor:
     """With labels, cross-entropy on the first head (MSE when it is a regression output), plus
-    ``distill`` x distillation (all heads; used alone when there are no labels)."""
+    ``distill`` x distillation (all heads; used alone when there are no labels). The labels describe
+    the first output only: the other heads of a multi-output model are always distilled (weight
+    ``distill``, or 1 when it is 0), else nothing would keep them working."""
     total = outs[0].new_zeros(())
     if labels is not None and heads[0].kind == "regression":
         total = total + F.mse_loss(outs[0], labels.reshape(outs[0].shape).to(outs[0].dtype))
     elif labels is not None:
         target = labels.reshape(-1) if _binary(heads[0], outs[0]) else label_indices(labels)
         total = total + _hard_loss(heads[0], outs[0], target)
-    if teacher is not None and (labels is None or distill > 0):
-        w = 1.0 if labels is None else distill
+    if teacher is not None:
         T = temperature
-        for h, s, t in zip(heads, outs, teacher):
+        for i, (h, s, t) in enumerate(zip(heads, outs, teacher)):
+            w = 1.0 if labels is None else distill if (i == 0 or distill > 0) else 1.0
+            if w <= 0:
+                continue
             if h.kind == "regression":
                 total = total + w * F.mse_loss(s, t)
             elif h.kind == "sigmoid":

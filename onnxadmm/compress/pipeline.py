@@ -224,7 +224,14 @@ def compress(
     if cfg.distill is None:
         cfg.distill = _auto_distill(sample, heads, train, log)
     teacher_out = None
-    if train.labels is None or cfg.distill > 0:
+    # the labels describe the first output: the others of a multi-output model are kept by distillation
+    others = train.labels is not None and len(heads) > 1 and cfg.distill == 0
+    if others and sum(o.numel() * 4 for o in sample) * len(train) > TEACHER_CACHE_LIMIT:
+        log(f"labels train {heads[0].name!r}; the other outputs are too large to cache and go untrained")
+        others = False
+    elif others:
+        log(f"labels train {heads[0].name!r}; the other outputs are distilled from the original")
+    if train.labels is None or cfg.distill > 0 or others:
         source = module if teacher is None else _teacher_module(teacher, module, sample, train, device)
         teacher_out = _teacher_outputs(source, train, device)
         if teacher is not None:

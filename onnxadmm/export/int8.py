@@ -552,29 +552,51 @@ def export_int8(
 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    left_float: list[str] = []
     with tempfile.TemporaryDirectory(prefix="onnxadmm-int8-") as tmp:
         src = Path(tmp) / "float.onnx"
         onnx.save(proto, str(src))
         if preprocess:
             src = _preprocess(src, Path(tmp) / "preprocessed.onnx", grid)
-        quantize_static(
-            str(src),
-            str(output_path),
-            reader,
-            quant_format=fmts[fmt],
-            op_types_to_quantize=list(WEIGHT_OPS + (_ACTIVATION_OPS if quantize_activation_ops else ())),
-            per_channel=global_per_channel,
-            reduce_range=False,
-            activation_type=act_types[activation_type],
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            calibrate_method=methods[calibrate_method],
-            extra_options={
-                "TensorQuantOverrides": overrides,
-                "QDQDisableWeightAdjustForInt32Bias": True,
-                "WeightSymmetric": True,
-            },
-        )
+        # a tensor whose calibrated range is not finite (an attention mask of -inf) would get an
+        # infinite scale and ruin the model: the nodes that read or write it stay in float, and the
+        # quantization runs again (a few rounds at most: each excludes every such tensor found)
+        for _ in range(4):
+            reader.rewind()
+            quantize_static(
+                str(src),
+                str(output_path),
+                reader,
+                quant_format=fmts[fmt],
+                op_types_to_quantize=list(WEIGHT_OPS + (_ACTIVATION_OPS if quantize_activation_ops else ())),
+                per_channel=global_per_channel,
+                reduce_range=False,
+                activation_type=act_types[activation_type],
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=methods[calibrate_method],
+                extra_options={
+                    "TensorQuantOverrides": overrides,
+                    "QDQDisableWeightAdjustForInt32Bias": True,
+                    "WeightSymmetric": True,
+                },
+            )
+            bad = nonfinite_ranges(onnx.load(str(output_path)))
+            touching = [n.name for n in graph.node if bad & (set(n.input) | set(n.output))]
+            new = [n for n in touching if n not in excluded and n not in weight_nodes]
+            if not bad:
+                break
+            if not new:
+                raise Int8ExportError(
+                    f"tensors {sorted(bad)[:5]} have no finite range on the calibration data; int8 export "
+                    "cannot represent them"
+                )
+            left_float += sorted(bad - set(left_float))
+            excluded = excluded + new
+        else:
+            raise Int8ExportError(f"tensors {sorted(bad)[:5]} have no finite range on the calibration data")
+    if left_float:
+        log.warning("left in float (no finite range on the calibration data): %s", ", ".join(left_float))
 
     # 4. Exactness: int8 weight x scale == given weight, for every weight.
     quantized = onnx.load(str(output_path))
@@ -583,6 +605,7 @@ def export_int8(
     result = {
         "path": str(output_path),
         "format": fmt,
+        "left_float_nonfinite": left_float,
         "activation_type": activation_type,
         "quantized_weights": len(grid),
         "per_channel_weights": sum(axis is not None for _, _, axis in grid.values()),
@@ -596,6 +619,27 @@ def export_int8(
     return result
 
 
+def nonfinite_ranges(model: onnx.ModelProto) -> set[str]:
+    """Tensors that a quantized ``model`` quantizes with a scale that is not finite and positive
+    (QuantizeLinear's input; a QOperator node's ``T_scale`` input names ``T``)."""
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def broken(name: str) -> bool:
+        t = inits.get(name)
+        if t is None:
+            return False
+        v = numpy_helper.to_array(t)
+        return v.dtype.kind == "f" and not bool(np.all(np.isfinite(v) & (v > 0)))
+
+    bad = set()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 1 and broken(n.input[1]):
+            bad.add(n.input[0])
+        elif n.op_type != "DequantizeLinear":
+            bad.update(i[: -len("_scale")] for i in n.input if i.endswith("_scale") and broken(i))
+    return bad
+
+
 def _preprocess(src: Path, dst: Path, grid: Mapping[str, tuple]) -> Path:
     """onnxruntime's quant_pre_process without graph optimisation; ``src`` again if it fails or alters weights."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -604,7 +648,7 @@ def _preprocess(src: Path, dst: Path, grid: Mapping[str, tuple]) -> Path:
         quant_pre_process(str(src), str(dst), skip_optimization=True)
         processed = onnx.load(str(dst))
     except Exception as exc:  # noqa: BLE001 - any failure: quantize the model as it is
-        log.warning("quant_pre_process failed (%s); quantizing without it", exc)
+        log.warning("quant_pre_process failed (%r); quantizing without it", exc)
         return src
     inits = {t.name: t for t in processed.graph.initializer}
     for name, (w, _, _) in grid.items():

@@ -26,12 +26,21 @@ from onnx import numpy_helper
 from ..errors import OnnxAdmmError
 from ..modelio import load_model
 
-WEIGHT_INPUT = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+WEIGHT_INPUT = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (0, 1),
+    "RNN": (1, 2),  # input and recurrence weights W, R
+    "GRU": (1, 2),
+    "LSTM": (1, 2),
+}
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def _weight_names(graph: onnx.GraphProto, candidates: set[str]) -> list[str]:
-    """Candidate tensors consumed as the weight operand of a Conv/ConvTranspose/Gemm/MatMul, in order."""
+    """Candidate tensors consumed as the weight operand of a Conv/ConvTranspose/Gemm/MatMul or as the W/R
+    weights of a recurrent layer, in order."""
     out: list[str] = []
     for node in graph.node:
         for i in WEIGHT_INPUT.get(node.op_type, ()):
