@@ -159,7 +159,7 @@ def _defaults():
     type=click.Choice(["activation", "magnitude"]),
     help="What a pruned layer keeps: activation ranks each weight by |w| times the rms of the input "
     "it multiplies on the training data (weights on near-dead inputs go first); magnitude by |w|. "
-    "[default: activation]",
+    "[default: magnitude]",
 )
 @click.option(
     "--shrink/--no-shrink",

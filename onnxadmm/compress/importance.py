@@ -1,6 +1,6 @@
 """Which weights a layer keeps: the importance that pruning ranks them by.
 
-``magnitude``: |w|. ``activation`` (the default): |w| times the root mean square of the input feature
+``magnitude`` (the default): |w|. ``activation``: |w| times the root mean square of the input feature
 that ``w`` multiplies, measured on the training data (Wanda, Sun et al. 2023; the diagonal of the
 layer's input second moment, as in optimal brain surgeon approximations). A weight's share of the
 layer's output is about |w| x rms(x): a large weight on an input that is almost always zero (an
