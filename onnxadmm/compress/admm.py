@@ -249,8 +249,9 @@ class Engine:
         """Each layer's support at ``step`` (the kept count inside its existing mask), ranked by |w|
         times the layer's input factor where :attr:`scales` has one: coupled layers (:attr:`couples`)
         choose their filters together, the others alone."""
-        ranked = {n: w * self.scales[n] if n in self.scales else w for n, w in ws.items()}
-        return supports(ranked, self.keep[step], self.groups, self.views, self.state.masks, self.couples)
+        return supports(
+            ws, self.keep[step], self.groups, self.views, self.state.masks, self.couples, self.scales
+        )
 
     def project(self, ws: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Euclidean projection of each ``ws[n]`` onto layer ``n``'s set at ``step``: the support first

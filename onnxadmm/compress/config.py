@@ -131,8 +131,10 @@ class CompressConfig:
 
         if self.structure not in STRUCTURES:
             raise ConfigError(f"structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
-        if self.importance not in ("activation", "magnitude"):
-            raise ConfigError(f"importance {self.importance!r}: expected activation or magnitude")
+        from .importance import IMPORTANCE
+
+        if self.importance not in IMPORTANCE:
+            raise ConfigError(f"importance {self.importance!r}: expected {' or '.join(IMPORTANCE)}")
         if self.granularity not in ("tensor", "channel"):
             raise ConfigError(f"granularity {self.granularity!r}: expected tensor or channel")
         self.layer_rates = {k: parse_rate(v) for k, v in dict(self.layer_rates).items()}

@@ -27,16 +27,10 @@ import onnx
 import torch
 
 from ..importer import analysis
+from .objective import _attr
 
 SAMPLES = 2048  # training samples the input statistics are measured on
 IMPORTANCE = ("activation", "magnitude")
-
-
-def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
 
 
 def feature_input(node: onnx.NodeProto, slot: int) -> tuple[str, int] | None:
@@ -51,26 +45,9 @@ def feature_input(node: onnx.NodeProto, slot: int) -> tuple[str, int] | None:
         return (node.input[0], -1) if slot == 1 else (node.input[1], -2)
     if op == "Gemm" and slot in (0, 1):
         if slot == 1:  # A' [M, K] = A or A^T
-            return node.input[0], (0 if _int_attr(node, "transA", 0) else 1)
-        return node.input[1], (1 if _int_attr(node, "transB", 0) else 0)  # B' [K, N] = B or B^T
+            return node.input[0], (0 if _attr(node, "transA", 0) else 1)
+        return node.input[1], (1 if _attr(node, "transB", 0) else 0)  # B' [K, N] = B or B^T
     return None
-
-
-def _uses(graph: onnx.GraphProto) -> dict[str, int]:
-    count: dict[str, int] = {}
-
-    def scan(g):
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    count[i] = count.get(i, 0) + 1
-            for sub in analysis.subgraphs(n):
-                scan(sub)
-
-    scan(graph)
-    for o in graph.output:
-        count[o.name] = count.get(o.name, 0) + 1
-    return count
 
 
 def scale_shape(w: analysis.WeightInfo, node: onnx.NodeProto, rms: np.ndarray) -> np.ndarray | None:
@@ -83,7 +60,7 @@ def scale_shape(w: analysis.WeightInfo, node: onnx.NodeProto, rms: np.ndarray) -
         out = [1] * len(shape)
         out[ax] = rms.size
         return rms.reshape(out)
-    groups = _int_attr(node, "group", 1) if node.op_type == "Conv" else 1
+    groups = _attr(node, "group", 1) if node.op_type == "Conv" else 1
     if groups > 1 and (w.out_axis, ax) == (0, 1) and shape[1] * groups == rms.size and shape[0] % groups == 0:
         # grouped convolution: filter o of group g reads channels g*I/G .. (g+1)*I/G - 1
         per = rms.reshape(groups, 1, shape[1])
@@ -111,11 +88,13 @@ def input_scales(
         key = n.name or n.output[0]
         names[key] = names.get(key, 0) + 1
         nodes[key] = n
-    uses = _uses(model.graph)
+    readers = analysis._consumers(model.graph)  # subgraphs' reads count on their node
+    outputs = {o.name for o in model.graph.output}
     wanted: dict[str, tuple[str, int, onnx.NodeProto]] = {}
     for w in weights:
         node = nodes.get(w.node)
-        if node is None or names[w.node] > 1 or w.slot is None or uses.get(w.name, 0) != 1:
+        shared = len(readers.get(w.name, ())) != 1 or w.name in outputs
+        if node is None or names[w.node] > 1 or w.slot is None or shared:
             continue
         feat = feature_input(node, w.slot)
         if feat is not None:

@@ -649,8 +649,7 @@ def _written_rate(
         ks = {n: min(keep[n], start[n]) for n in sizes}
         ws = {n: torch.as_tensor(np.asarray(state[n], np.float32)) for n in sizes if ks[n] < sizes[n]}
         alloweds = {n: (w != 0) if start[n] < sizes[n] else None for n, w in ws.items()}
-        ranked = {n: w * scales[n].cpu() if n in (scales or {}) else w for n, w in ws.items()}
-        masks = supports(ranked, ks, groups, views, alloweds, couples)  # what training's projection keeps
+        masks = supports(ws, ks, groups, views, alloweds, couples, scales)  # what training's projection keeps
         for n, w in ws.items():
             dims, mask = groups.get(n), masks[n]
             st[n] = (w * mask).numpy()

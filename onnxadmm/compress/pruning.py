@@ -229,10 +229,14 @@ def supports(
     views: dict[str, tuple[int, ...]],
     allowed: dict[str, torch.Tensor | None],
     couples: list[list[str]] = (),
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each layer's support at ``keeps[n]`` weights inside ``allowed[n]``: the layers of a couple
     (residual streams, depthwise convolutions with their feeders) choose their filters together
-    (:func:`coupled_support`), the others alone (:func:`layer_support`)."""
+    (:func:`coupled_support`), the others alone (:func:`layer_support`). Entries are ranked by
+    |w| times ``scales[n]`` where given (activation importance, :mod:`.importance`)."""
+    if scales:
+        ws = {n: w * scales[n].to(w.device) if n in scales else w for n, w in ws.items()}
     out = {}
     for c in couples:
         if all(n in ws and keeps[n] < ws[n].numel() for n in c):

@@ -582,19 +582,19 @@ def export_int8(
                 },
             )
             bad = nonfinite_ranges(onnx.load(str(output_path)))
-            touching = [n.name for n in graph.node if bad & (set(n.input) | set(n.output))]
-            new = [n for n in touching if n not in excluded and n not in weight_nodes]
             if not bad:
                 break
+            touching = [n.name for n in graph.node if bad & (set(n.input) | set(n.output))]
+            new = [n for n in touching if n not in excluded and n not in weight_nodes]
             if not new:
-                raise Int8ExportError(
-                    f"tensors {sorted(bad)[:5]} have no finite range on the calibration data; int8 export "
-                    "cannot represent them"
-                )
+                break  # nothing left to exclude: the error below
             left_float += sorted(bad - set(left_float))
             excluded = excluded + new
-        else:
-            raise Int8ExportError(f"tensors {sorted(bad)[:5]} have no finite range on the calibration data")
+        if bad:
+            raise Int8ExportError(
+                f"tensors {sorted(bad)[:5]} have no finite range on the calibration data; int8 export "
+                "cannot represent them"
+            )
     if left_float:
         log.warning("left in float (no finite range on the calibration data): %s", ", ".join(left_float))
 
