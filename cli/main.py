@@ -405,10 +405,14 @@ def evaluate(model, data, reference, providers, batch_sizes, runs, limit, scale,
             specs = [s for s in input_specs_of(proto) if s.name in ins]
             ds = load_data(data, specs, limit=limit, **options)
             work = Path(tempfile.mkdtemp(prefix="onnxadmm-eval-"))
-            extract_outputs(model, work / "model.onnx", ins, outs)
-            if reference:
-                extract_outputs(reference, work / "reference.onnx", ins, outs)
-                reference = str(work / "reference.onnx")
+            try:
+                extract_outputs(model, work / "model.onnx", ins, outs)
+                if reference:
+                    extract_outputs(reference, work / "reference.onnx", ins, outs)
+                    reference = str(work / "reference.onnx")
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
             note = (
                 f"the data lack the model's other inputs: scored output(s) {', '.join(outs)} "
                 f"computed from {', '.join(ins)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -1175,9 +1176,13 @@ def test_packed_storage_failure_falls_back_under_auto(tmp_path, monkeypatch):
     assert rep["format"]["packed_error"] == "simulated converter failure"
     check_output_matches_report(out, rep)
     cb = tmp_path / "cb.onnx"
+    scratch = tmp_path / "scratch"  # compress's work folder goes there: it must be gone after the error
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(OnnxAdmmError, match="simulated"):
         compress(MODEL, cb, "digits", rate=20, fmt="codebook", quiet=True, **FAST)
     assert not cb.exists()
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("sigmoid", [True, False])

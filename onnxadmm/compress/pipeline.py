@@ -391,45 +391,44 @@ def compress(
     encodings, layout = _select_storage(fmt, encodings, state, proto, coo=coo)
     sparse = coo - set(encodings)
     work = Path(tempfile.mkdtemp(prefix="onnxadmm-"))
-    ref_path = in_path
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
-        ref_path = work / "original.onnx"  # --force over the input: keep the original as the reference
-        save_model(original, ref_path)
-    original_bytes = file_bytes(in_path)
-    int8_info = None
-    packed_error = None  # why --format auto fell back from codes + codebooks to plain tensors
-    if fmt == "int8":
-        int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work, log)
-    elif not encodings:
-        export_onnx(proto, state, out_path, sparse=sparse, force=force)
-    else:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
-        from ..export.storage import apply_storage
-
-        plain = export_onnx(proto, state, work / "plain.onnx", sparse=sparse)
-        try:
-            packed = apply_storage(load_model(plain), encodings, layout=layout)
-        except OnnxAdmmError as exc:
-            if fmt != "auto":
-                raise
-            packed_error = str(exc)
-            msg = f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead"
-            log(msg)
-            if quiet:  # the report's summary also says so; API users in quiet mode get a warning
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            encodings = {}
-            sparse = coo
+    try:  # the work folder goes whatever happens
+        ref_path = in_path
+        if out_path.exists() and out_path.resolve() == in_path.resolve():
+            ref_path = work / "original.onnx"  # --force over the input: keep the original as the reference
+            save_model(original, ref_path)
+        original_bytes = file_bytes(in_path)
+        int8_info = None
+        packed_error = None  # why --format auto fell back from codes + codebooks to plain tensors
+        if fmt == "int8":
+            int8_info = _write_int8(proto, state, grids, out_path, train, module.input_names, work, log)
+        elif not encodings:
             export_onnx(proto, state, out_path, sparse=sparse, force=force)
-        else:
-            save_model(packed, out_path)  # atomic: out_path is either untouched or complete
-    train_seconds = time.perf_counter() - t0
+        else:  # codes + codebooks decoded by standard ops that onnxruntime folds at load
+            from ..export.storage import apply_storage
 
-    graph_outs = [o.name for o in proto.graph.output]
-    view_outs = analysis.training_outputs(proto)
-    try:
-        tmp = work
+            plain = export_onnx(proto, state, work / "plain.onnx", sparse=sparse)
+            try:
+                packed = apply_storage(load_model(plain), encodings, layout=layout)
+            except OnnxAdmmError as exc:
+                if fmt != "auto":
+                    raise
+                packed_error = str(exc)
+                msg = f"packed storage not possible ({exc}); writing plain and COO sparse tensors instead"
+                log(msg)
+                if quiet:  # the report's summary also says so; API users in quiet mode get a warning
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                encodings = {}
+                sparse = coo
+                export_onnx(proto, state, out_path, sparse=sparse, force=force)
+            else:
+                save_model(packed, out_path)  # atomic: out_path is either untouched or complete
+        train_seconds = time.perf_counter() - t0
+
+        graph_outs = [o.name for o in proto.graph.output]
+        view_outs = analysis.training_outputs(proto)
         if view_outs != graph_outs:
             # e.g. a model whose only output is an accuracy: validate the logits it computes
-            ev_model, ev_ref = Path(tmp) / "compressed.onnx", Path(tmp) / "original.onnx"
+            ev_model, ev_ref = work / "compressed.onnx", work / "original.onnx"
             extract_outputs(out_path, ev_model, module.input_names, view_outs)
             extract_outputs(ref_path, ev_ref, module.input_names, view_outs)
             log(f"validating on output(s) {', '.join(view_outs)} (the model's own outputs are not trainable)")
