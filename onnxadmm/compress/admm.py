@@ -80,6 +80,7 @@ class State:
     history: list = field(default_factory=list)
     steps: int = 0  # optimizer steps taken
     optimizer: dict | None = None
+    keep: dict | None = None  # the retargeted step's kept counts (see Engine.retarget), from that step on
 
 
 class Engine:
@@ -100,6 +101,7 @@ class Engine:
         views: dict[str, tuple[int, ...]] | None = None,
         couples: list[list[str]] | None = None,
         scales: dict[str, torch.Tensor] | None = None,
+        retarget: tuple[int, Callable[[], dict[str, int]]] | None = None,
     ):
         self.m, self.heads, self.train, self.val, self.teacher = module, heads, train, val, teacher
         self.cfg, self.keep, self.log, self.quiet = cfg, keep, log, quiet
@@ -125,6 +127,10 @@ class Engine:
         # activation importance: each layer's per-entry factor on |w| when choosing what it keeps
         # (:mod:`.importance`; absent: plain magnitude)
         self.scales = dict(scales or {})
+        # (step, fn): when ``step`` starts its ADMM phase and its masked retraining, ``fn()`` gives the
+        # counts it keeps, in place of the planned ones, from the weights as they are then (unstructured
+        # pruning: the counts whose written model, once dead channels are cut out, holds total/--rate)
+        self.retarget = retarget
         self.rng = np.random.default_rng(cfg.seed)
         self.state = State()
 
@@ -283,8 +289,25 @@ class Engine:
             den = sum(float(self.params[n].norm()) for n in self.names) or 1.0
         return num / den
 
+    def _retarget(self, step: int):
+        if self.retarget is None or step != self.retarget[0]:
+            return
+        keep = self.retarget[1]()
+        self.state.keep = {"step": step, "keep": dict(keep)}
+        self._apply_keep()
+
+    def _apply_keep(self):
+        """The retargeted counts replace the plan's from their step on (a quantization step after the
+        last pruning step keeps what that step kept)."""
+        if self.state.keep is None:
+            return
+        s0, keep = self.state.keep["step"], self.state.keep["keep"]
+        for s in range(s0, len(self.keep)):
+            self.keep[s] = {n: keep.get(n, k) for n, k in self.keep[s].items()}
+
     def start_admm(self, step: int):
         st = self.state
+        self._retarget(step)
         st.rho = self.cfg.rho
         with torch.no_grad():
             st.Z = self.project({n: self.params[n].detach().clone() for n in self.names}, step)
@@ -293,6 +316,7 @@ class Engine:
     def hard_prune(self, step: int):
         """Masked mapping: fix the support (and, in a quantization step, the levels) for retraining."""
         st = self.state
+        self._retarget(step)
         with torch.no_grad():
             pruned = [n for n in self.names if self.keep[step][n] < self.params[n].numel() or n in st.masks]
             for n, support in self.supports({n: self.params[n] for n in pruned}, step).items():
@@ -457,6 +481,7 @@ class Engine:
             "moments": st.moments,
             "history": st.history,
             "steps": st.steps,
+            "keep": st.keep,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "module": self.m.state_dict(),
             "rng": self.rng.bit_generator.state,
@@ -474,4 +499,6 @@ class Engine:
         st.moments = blob.get("moments", {})
         st.optimizer = blob["optimizer"]
         st.steps = blob["steps"]
+        st.keep = blob.get("keep")
+        self._apply_keep()
         self.rng.bit_generator.state = blob["rng"]

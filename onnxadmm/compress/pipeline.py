@@ -293,9 +293,14 @@ def compress(
     # the final step's retraining (auto: a restart at a higher lr from cfg.restart_rate up)
     cfg.final_retrain_epochs, cfg.final_retrain_lr = cfg.final_epochs(pruning), cfg.final_lr(pruning)
     cfg.epochs_per_iteration = cfg.iteration_epochs()
+    retarget = None
+    if steps and pruning and not groups and cfg.shrink:
+        # --rate counts the weights written here too: channels that no weight reads (or that read
+        # nothing) are cut out with the weights on them, so the last pruning step keeps more in training
+        retarget = (len(steps) - 1, _retarget_fn(cfg, proto, module, sizes, scales, log))
     engine = Engine(
         module, heads, train, val, teacher_out, cfg, keep, log, quiet, quant=quant, groups=groups, biases=biases,
-        views=views, couples=couples, scales=scales,
+        views=views, couples=couples, scales=scales, retarget=retarget,
     )  # fmt: skip
     units = plan(cfg, len(rates), engine.final_step)
     with torch.no_grad():  # zeros of a sparse input are pruned weights: they stay pruned
@@ -468,7 +473,9 @@ def compress(
         "output": str(out_path),
         "pruning_rate": total / max(nonzero, 1),
         "target_rate": cfg.rate,
-        "training_rate": rate,  # below target_rate with structured pruning (what is cut out with a filter)
+        # the weights training kept: fewer are written when channels are cut out (with a pruned filter
+        # the next layer's slices go; with unstructured pruning the channels left dead)
+        "training_rate": total / max(sum(trained.values()), 1),
         "weights": {"total": total, "nonzero": nonzero},
         "layers": layers,
         "not_compressed": {
@@ -661,6 +668,8 @@ def _written_rate(
         values = initializer_values(shrink_channels(with_weights(proto, st)).model)
         return sum(int(np.count_nonzero(values[n])) for n in sizes if n in values)
 
+    if written(cfg.rate) * 1.002 >= budget:  # nothing (or next to nothing) is cut out
+        return cfg.rate
     lo, hi = 1.0, cfg.rate  # written(lo) above the budget, written(hi) within it
     if written(lo) <= budget:
         return lo
@@ -673,6 +682,29 @@ def _written_rate(
         if hi / lo < 1.002:
             break
     return hi
+
+
+def _retarget_fn(cfg, proto, module, sizes: dict, scales: dict, log):
+    """Unstructured pruning's last step: the counts to keep, from the current weights, so that the
+    written model holds ``total / cfg.rate`` weights once the channels left dead are cut out (a filter
+    whose outputs no weight reads goes, and so do a reader's weights on a channel whose filter kept
+    nothing: that channel is a constant, folded into the reader's bias). The same search as
+    structured pruning's (:func:`_written_rate`), on the weights the step starts from: the pruned
+    weights stay pruned (a layer keeps at most its non-zeros)."""
+
+    def fn() -> dict[str, int]:
+        state = module.onnx_state()
+        now = {n: max(1, int(np.count_nonzero(state[n]))) for n in sizes}
+        rate = _written_rate(cfg, proto, state, sizes, now, {}, {}, {}, [], scales)
+        keep = allocate(sizes, rate, cfg.layer_rates, cfg.exclude, cfg.allocation_power)
+        if rate < cfg.rate / 1.002:
+            log(
+                f"pruning: training keeps 1/{rate:.4g} of the weights so that at most 1/{cfg.rate:.4g} are "
+                "written once the dead channels are cut out"
+            )
+        return {n: min(keep[n], now[n]) for n in sizes}
+
+    return fn
 
 
 def _dead_slices(state: dict, weights) -> bool:
