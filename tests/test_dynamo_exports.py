@@ -67,6 +67,16 @@ CASES = {
 }
 
 
+def _export(net, x, path, opset=18, **kw):
+    logging.disable(logging.WARNING)  # the exporter's notes about torchvision
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=opset, input_names=["x"], **kw)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 @pytest.mark.parametrize("opset", [18, 23])
 @pytest.mark.parametrize("case", list(CASES))
 def test_dynamo_export_imports_exactly(case, opset, tmp_path):
@@ -75,13 +85,7 @@ def test_dynamo_export_imports_exactly(case, opset, tmp_path):
     net = make().eval()
     x = torch.randn(*shape)
     path = tmp_path / "m.onnx"
-    logging.disable(logging.WARNING)  # the exporter's notes about torchvision
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=opset, input_names=["x"])
-    finally:
-        logging.disable(logging.NOTSET)
+    _export(net, x, path, opset)
     model = onnx.load(str(path))
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     m = OnnxGraphModule(model)
@@ -92,3 +96,45 @@ def test_dynamo_export_imports_exactly(case, opset, tmp_path):
     assert m.compressible_weights()
     for name, p in m.named_onnx_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+class _PooledCNN(nn.Module):
+    def __init__(self, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        if self.pool == "mean":
+            h = h.mean((2, 3))  # ReduceMean, keepdims 0
+        elif self.pool == "adaptive":
+            h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # ReduceMean keepdims 1, Reshape
+        else:
+            h = h.amax((2, 3))  # ReduceMax
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("pool", ["mean", "adaptive", "amax"])
+def test_filter_pruning_shrinks_the_last_conv_before_global_pooling(pool, tmp_path):
+    """Dynamo writes global pooling as a Reduce over the spatial axes: the last convolution before it
+    loses its pruned filters too, and the written file passes onnx's full check."""
+    from onnxadmm.compress.pipeline import compress
+
+    torch.manual_seed(0)
+    net = _PooledCNN(pool).eval()
+    x = torch.randn(64, 1, 8, 8)
+    path = tmp_path / "m.onnx"
+    _export(net, x[:2], path, dynamic_shapes=({0: "batch"},))
+    names = {n.input[1] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"}
+    last = next(n for n in names if "c2" in n)
+    out = tmp_path / "o.onnx"
+    fast = dict(admm_iterations=1, retrain_epochs=1, max_batches_per_epoch=2, batch_size=32, min_batches=1)
+    rep = compress(path, out, {"x": x.numpy()}, rate="2x", structure="filter", quiet=True, **fast)
+    assert rep["shrunk"]["checked"], rep["shrunk"]
+    assert last not in rep["shrunk"]["kept_whole"], rep["shrunk"]["kept_whole"]
+    assert rep["shrunk"]["channels_removed"].get(last, 0) > 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert w[last].shape[0] < 16

@@ -1009,3 +1009,86 @@ def test_resize_that_scales_the_channels_is_not_followed():
     m = _model(nodes, inits, ["N", 3, 8, 8], ["N", 2, 6, 6])
     res = shrink_channels(m)
     assert res.removed == {} and "Resize" in res.blocked["wa"]
+
+
+def _reduce_pooled(op: str, axes, keepdims: int, opset: int, flatten: bool):
+    """conv - relu - conv - relu - Reduce{Mean,Max,Min} (global pooling as torch's dynamo exporter
+    writes x.mean((2, 3))) - [Flatten] - gemm; conv2's filters 1 and 3 pruned."""
+    inits = {"w1": _f(4, 3, 3, 3), "b1": _f(4), "w2": _f(6, 4, 3, 3), "b2": _f(6), "w3": _f(5, 6), "c3": _f(5)}
+    inits["w2"][[1, 3]] = 0
+    kw = {"keepdims": keepdims}
+    ins = ["r2"]
+    if opset >= 18:
+        inits["axes"] = np.asarray(axes, np.int64)
+        ins.append("axes")
+    else:
+        kw["axes"] = axes
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["a2"]),
+        helper.make_node("Relu", ["a2"], ["r2"]),
+        helper.make_node(op, ins, ["p"], **kw),
+    ]
+    feats = "p"
+    if flatten:
+        nodes.append(helper.make_node("Flatten", ["p"], ["f"], axis=1))
+        feats = "f"
+    nodes.append(helper.make_node("Gemm", [feats, "w3", "c3"], ["y"], transB=1))
+    return _model(nodes, inits, ["N", 3, 7, 7], ["N", 5], opset=opset)
+
+
+@pytest.mark.parametrize(
+    "op, axes, keepdims, opset, flatten",
+    [
+        ("ReduceMean", [2, 3], 0, 18, False),  # dynamo: x.mean((2, 3))
+        ("ReduceMean", [-2, -1], 1, 18, True),  # dynamo: adaptive_avg_pool2d(x, 1).flatten(1)
+        ("ReduceMax", [2, 3], 0, 13, False),  # axes as an attribute (before opset 18)
+        ("ReduceMin", [3, 2], 1, 13, True),
+    ],
+)
+def test_global_pooling_written_as_a_reduce(op, axes, keepdims, opset, flatten):
+    """A reduction over the spatial axes passes a constant channel on: conv2's dead filters go with
+    the dense layer's columns that read them, and the outputs stay the same."""
+    m = _reduce_pooled(op, axes, keepdims, opset, flatten)
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w2"].shape == (4, 4, 3, 3) and after["w3"].shape == (5, 4)
+    onnx.checker.check_model(res.model, full_check=True)
+    x = _f(3, 3, 7, 7, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("axes", [[1, 2, 3], [1], [0]])
+def test_reduce_over_the_channel_or_batch_axis_blocks(axes):
+    m = _reduce_pooled("ReduceMean", axes, 1, 13, True)
+    if axes == [0]:  # (the Gemm then reads 6 x 7 x 7 features: give it a matching weight)
+        w3 = numpy_helper.from_array(_f(5, 6 * 7 * 7), "w3")
+        next(t for t in m.graph.initializer if t.name == "w3").CopyFrom(w3)
+    elif axes == [1, 2, 3]:
+        w3 = numpy_helper.from_array(_f(5, 1), "w3")
+        next(t for t in m.graph.initializer if t.name == "w3").CopyFrom(w3)
+    elif axes == [1]:
+        w3 = numpy_helper.from_array(_f(5, 49), "w3")
+        next(t for t in m.graph.initializer if t.name == "w3").CopyFrom(w3)
+    res = shrink_channels(m)
+    assert _inits(res.model)["w2"].shape == (6, 4, 3, 3)
+    assert "ReduceMean" in res.blocked["w2"]
+
+
+def test_dynamo_style_value_info_is_dropped_for_sliced_tensors():
+    """Files that list shapes for every tensor and initializer (dynamo exports) stay valid after
+    the removal (full shape-inference check), and later walks still see the new shapes."""
+    m = _reduce_pooled("ReduceMean", [2, 3], 0, 18, False)
+    m = onnx.shape_inference.infer_shapes(m)
+    for t in m.graph.initializer:  # initializers listed as value_info too
+        m.graph.value_info.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    w1 = _inits(m)["w1"].copy()
+    w1[[0, 2]] = 0  # conv1 filters too: removed in a second pass, after conv2's
+    next(t for t in m.graph.initializer if t.name == "w1").CopyFrom(numpy_helper.from_array(w1, "w1"))
+    res = shrink_channels(m)
+    after = _inits(res.model)
+    assert after["w2"].shape[0] == 4 and after["w1"].shape[0] == 2
+    onnx.checker.check_model(res.model, full_check=True)
+    x = _f(2, 3, 7, 7, scale=1.0)
+    np.testing.assert_allclose(_run(res.model, x), _run(m, x), rtol=1e-5, atol=1e-5)

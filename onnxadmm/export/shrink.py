@@ -132,6 +132,37 @@ def _spatial_resize(G: _Graph, n) -> bool:
     return scales.size >= 3 and scales[0] == 1 and scales[1] == 1
 
 
+REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin"}  # a constant channel reduces to the same constant
+
+
+def _spatial_reduce(G: _Graph, n, t: str) -> int | None:
+    """The output rank of a ReduceMean/Max/Min of ``t`` over axes after the channels only (global
+    pooling as torch's dynamo exporter writes ``x.mean((2, 3))``); None if it reduces the batch or
+    the channel axis, or if its axes cannot be told."""
+    a = _attrs(n)
+    if "axes" in a:  # before opset 18
+        axes = list(a["axes"])
+    elif len(n.input) > 1 and n.input[1]:
+        if n.input[1] not in G.values:
+            return None
+        axes = [int(x) for x in G.values[n.input[1]].reshape(-1)]
+    else:
+        axes = []
+    shape = G.shapes.get(t)
+    rank = len(shape) if shape else None
+    if not axes:  # every axis, unless noop_with_empty_axes makes it the identity
+        return rank if a.get("noop_with_empty_axes", 0) and rank else None
+    if any(x < 0 for x in axes):
+        if rank is None:
+            return None
+        axes = [x % rank for x in axes]
+    if min(axes) < 2:
+        return None
+    if a.get("keepdims", 1):
+        return rank if rank else max(axes) + 1
+    return rank - len(set(axes)) if rank else None
+
+
 def _padded(attrs: dict) -> bool:
     """Whether a Conv or pooling node pads its input (explicit pads, or SAME auto-padding)."""
     return any(attrs.get("pads", [])) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
@@ -172,13 +203,16 @@ class _Graph:
         model = self.model
         try:
             # shape inference reads the nodes in file order: old exports (keras2onnx) are not sorted
+            # (and the file's own value_info, e.g. dynamo exports', goes: it holds the channel counts
+            # from before the removals, which inference would reject as conflicting)
             nodes = list(model.graph.node)
             order = topo_sort(nodes, {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input})
-            if [id(n) for n in order] != [id(n) for n in nodes]:
+            if [id(n) for n in order] != [id(n) for n in nodes] or len(model.graph.value_info):
                 model = onnx.ModelProto()
                 model.CopyFrom(self.model)
                 del model.graph.node[:]
                 model.graph.node.extend(order)
+                del model.graph.value_info[:]
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - without shapes, only Flatten and Reshape [0, -1] are accepted
@@ -454,6 +488,12 @@ def _walk(G: _Graph, layers: list[_Layer], consts: list[np.ndarray]) -> _Chain |
                 if op in ("LpPool", "GlobalLpPool"):
                     c = np.where(c == 0, 0.0, np.nan)
                 todo.append((n.output[0], c, flat, off, total, last))
+            elif op in REDUCES and layer.kind == "conv" and not flat and not last:
+                rank = _spatial_reduce(G, n, t)
+                if rank is None:
+                    return None
+                # (batch, channels) left: one feature per channel, as after a Flatten
+                todo.append((n.output[0], c, True if rank == 2 else flat, off, total, last))
             elif op == "BatchNormalization" and not flat and not last and layer.node.op_type != "MatMul":
                 if len(n.input) < 5 or not all(G.own(i) and G.values[i].shape == (total,) for i in n.input[1:5]):
                     return None
@@ -1020,6 +1060,11 @@ def shrink_channels(model: onnx.ModelProto) -> ShrinkResult:
                 changed = True
         if not changed:
             break
+    if result.removed:  # a value_info of a sliced weight (dynamo exports list initializers) is stale
+        inits = {t.name for t in G.g.initializer}
+        keep_vi = [vi for vi in G.g.value_info if vi.name not in inits]
+        del G.g.value_info[:]
+        G.g.value_info.extend(keep_vi)
     return result
 
 
