@@ -1369,3 +1369,44 @@ def test_dense_encoding_priced_against_coo():
     assert pl._select_storage("auto", encodings, state, proto, coo={"w"})[0] == {}
     assert pl._select_storage("auto", encodings, state, proto)[0] == {}  # coo worked out by default
     assert pl._select_storage("auto", encodings, state, proto, coo=set())[0] == encodings  # vs 240 KB dense
+
+
+def _embedding_model(path: Path, vocab: int = 20) -> Path:
+    """ids (int64, N x 5) -> Gather from a (vocab, 8) table -> mean over tokens -> Gemm (8 -> 3)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((vocab, 8)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.standard_normal((3, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["emb", "ids64"], ["e"]),
+        helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["m", "w", "b"], ["y"], transB=1),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [20, -21])
+def test_token_ids_out_of_the_table_are_a_data_error(tmp_path, bad):
+    """Token ids past the embedding table: a DataError naming the input and the valid range (the
+    CLI's one-line error), not torch's bare IndexError; ids within it (negative ones count from the
+    end, as ONNX Gather allows) train."""
+    model = _embedding_model(tmp_path / "emb.onnx")
+    ids = np.random.default_rng(1).integers(-20, 20, size=(64, 5)).astype(np.int32)
+    ok = compress(model, tmp_path / "ok.onnx", {"ids": ids}, rate=2, quiet=True, **FAST)
+    assert ok["pruning_rate"] >= 2.0
+    ids[3, 2] = bad
+    with pytest.raises(DataError, match=rf"input 'ids': value {bad} is out of range for 'emb', which has 20 entries"):
+        compress(model, tmp_path / "bad.onnx", {"ids": ids}, rate=2, quiet=True, **FAST)
+    np.savez(tmp_path / "bad.npz", ids=ids)
+    res = CliRunner().invoke(cli, ["compress", str(model), str(tmp_path / "c.onnx"), "--data", str(tmp_path / "bad.npz"), "--rate", "2x", "--quiet"])
+    assert res.exit_code != 0 and "out of range for 'emb'" in res.output and "Traceback" not in res.output

@@ -203,6 +203,9 @@ def compress(
     else:
         train, val = ds.split(cfg.val_fraction, cfg.seed)
         val_note = f"{cfg.val_fraction:.0%} held out of the training data (seed {cfg.seed})"
+    _check_indices(proto, ds)
+    if val_data is not None:
+        _check_indices(proto, val)
     first = proto.graph.output[0].name  # the output the labels describe
     if first in untrainable and train.labels is not None:
         log(f"labels ignored: they describe the output {first!r}, which training cannot reach")
@@ -682,6 +685,41 @@ def _written_rate(
         if hi / lo < 1.002:
             break
     return hi
+
+
+def _check_indices(proto, ds: Dataset) -> None:
+    """Inputs that index a table (token ids into an embedding: Gather of an initializer, directly or
+    through Cast/Identity): every value within the table's size, else a DataError naming the input
+    (torch would stop with a bare IndexError, onnxruntime with an out-of-bounds error)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for name, x in ds.inputs.items():
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.integer) or not x.size:
+            continue
+        todo, seen = [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in readers.get(t, []):
+                if n.op_type in ("Cast", "Identity"):
+                    todo.append(n.output[0])
+                elif n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and n.input[0] in inits:
+                    dims = list(inits[n.input[0]].dims)
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                    size = dims[axis % len(dims)] if dims else 0
+                    lo, hi = int(x.min()), int(x.max())
+                    if lo < -size or hi >= size:
+                        bad = lo if lo < -size else hi
+                        raise DataError(
+                            f"input {name!r}: value {bad} is out of range for {n.input[0]!r}, which has "
+                            f"{size} entries (valid: {-size} to {size - 1})"
+                        )
 
 
 def _retarget_fn(cfg, proto, module, sizes: dict, scales: dict, log):
