@@ -1242,6 +1242,15 @@ def test_one_column_regression_with_targets(tmp_path, digits):
     targets = digits[1].astype(np.float32)[:, None] * 0.5 + 3.0  # far from the margin it outputs
     rep = compress(src, tmp_path / "reg_c.onnx", {"input": x, "y": targets}, rate=5, quiet=True, **FAST)
     assert rep["accuracy"] == {"original": None, "compressed": None} and rep["agreement"] is None
+    # scored as a regression in onnxruntime: the fit to the targets, and to the original's outputs
+    sess = ort.InferenceSession(str(tmp_path / "reg_c.onnx"), providers=["CPUExecutionProvider"])
+    val_idx = Dataset({"input": x}, targets).split(0.1, 0)[1]  # compress's default held-out split
+    (pred,) = sess.run(None, dict(val_idx.inputs))
+    want = float(np.sqrt(np.mean((pred.astype(np.float64) - val_idx.labels) ** 2)))
+    assert rep["regression"]["compressed"]["rmse"] == pytest.approx(want, rel=1e-5)
+    assert rep["regression"]["original"]["r2"] <= 1.0 and set(rep["fit_to_original"]) == {"margin"}
+    text = format_report(rep)
+    assert "regression (onnxruntime" in text and "R^2 against the original's outputs" in text
     losses = [h["loss"] for h in rep["history"]]
     assert all(np.isfinite(losses)) and min(losses) > 0.01
     with pytest.raises(DataError, match="regression output"):

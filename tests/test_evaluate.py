@@ -287,6 +287,40 @@ def test_one_column_regression_gets_no_classes(tmp_path, held_out):
     assert any("regression output" in n for n in d["notes"])
 
 
+def test_regression_output_is_scored_by_rmse_mae_and_r2(tmp_path, held_out):
+    """A regression output with targets: RMSE, MAE and R^2 against them (the reference's too), and
+    every float output's fit to the reference's, all as numpy computes them; printed in the text."""
+    path = binary_digits_model(tmp_path / "reg.onnx", sigmoid=False)
+    other = _with_initializer(onnx.load(path), "fc2.weight", lambda a: a * 1.1)
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    targets = held_out.labels.astype(np.float32) * 0.37
+    d = evaluate_model(tmp_path / "other.onnx", Dataset(dict(held_out.inputs), targets), reference=path, providers=())
+    sess = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])  # noqa: E731
+    (y,) = sess(tmp_path / "other.onnx").run(None, dict(held_out.inputs))
+    (r,) = sess(path).run(None, dict(held_out.inputs))
+    y, r, t = y.astype(np.float64).ravel(), r.astype(np.float64).ravel(), targets.astype(np.float64)
+    reg = d["regression"]
+    assert reg["rmse"] == pytest.approx(np.sqrt(np.mean((y - t) ** 2)))
+    assert reg["mae"] == pytest.approx(np.mean(np.abs(y - t)))
+    assert reg["r2"] == pytest.approx(1 - np.sum((y - t) ** 2) / np.sum((t - t.mean()) ** 2))
+    assert d["reference"]["regression"]["rmse"] == pytest.approx(np.sqrt(np.mean((r - t) ** 2)))
+    (name,) = d["fit_to_reference"]
+    fit = d["fit_to_reference"][name]
+    assert fit["r2"] == pytest.approx(1 - np.sum((y - r) ** 2) / np.sum((r - r.mean()) ** 2))
+    assert 0 < fit["r2"] < 1 and fit["rmse"] > 0
+    text = format_evaluation(d)
+    assert "regression:   RMSE" in text and f"fit {name!r}: RMSE" in text
+    same = evaluate_model(path, Dataset(dict(held_out.inputs), targets), reference=path, providers=())
+    assert same["fit_to_reference"][name] == {"rmse": 0.0, "mae": 0.0, "r2": 1.0}
+    assert same["accuracy"] is None  # no classes from a regression output
+
+
+def test_classifier_has_no_regression_scores(held_out):
+    d = evaluate_model(MODEL, held_out, reference=MODEL, providers=())
+    assert d["regression"] is None and d["accuracy"] > 0.9
+    assert d["fit_to_reference"]["logits"]["r2"] == 1.0
+
+
 @pytest.mark.parametrize("sigmoid", [True, False])
 def test_one_column_without_labels(tmp_path, held_out, sigmoid):
     """Without labels a one-column output is a binary classifier only when a Sigmoid makes it (seen

@@ -496,8 +496,15 @@ def compress(
         }
         if val.labels is not None
         else None,
+        "regression": {  # a regression output scored against the labels: rmse, mae, r2
+            "original": (ev.get("reference") or {}).get("regression"),
+            "compressed": ev.get("regression"),
+        }
+        if ev.get("regression")
+        else None,
         "agreement": ev.get("agreement"),
         "max_abs_diff": ev.get("max_abs_diff"),
+        "fit_to_original": ev.get("fit_to_reference"),
         "file_bytes": {
             "original": original_bytes,
             "compressed": ev.get("file_bytes"),
@@ -1136,14 +1143,29 @@ def format_report(rep: dict) -> str:
             "removed from the ONNX layers (outputs checked in onnxruntime against the full-size layers)"
         )
     acc = rep.get("accuracy")
-    if acc:
+    if acc and acc.get("compressed") is not None and acc.get("original") is not None:
         lines.append(
             f"accuracy (onnxruntime, {rep['validation']['samples']} held-out samples): "
             f"original {acc['original']:.4f}  compressed {acc['compressed']:.4f}"
         )
+    reg = rep.get("regression")
+    if reg and reg.get("compressed"):
+        o, c = reg.get("original") or {}, reg["compressed"]
+        lines.append(
+            f"regression (onnxruntime, {rep['validation']['samples']} held-out samples): "
+            + (f"original RMSE {o['rmse']:.4g} R^2 {o['r2']:.4f}  " if o else "")
+            + f"compressed RMSE {c['rmse']:.4g} R^2 {c['r2']:.4f}"
+        )
     if rep.get("agreement") is not None:
         lines.append(
             f"top-1 agreement with the original: {rep['agreement']:.4f}   max |output diff| {rep['max_abs_diff']:.4g}"
+        )
+    elif rep.get("max_abs_diff") is not None:
+        fits = rep.get("fit_to_original") or {}
+        r2 = min((f["r2"] for f in fits.values()), default=None)
+        lines.append(
+            f"max |output diff| from the original: {rep['max_abs_diff']:.4g}"
+            + (f"   R^2 against the original's outputs: {r2:.6f}" if r2 is not None else "")
         )
     fb = rep["file_bytes"]
     lines.append(

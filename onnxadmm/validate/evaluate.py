@@ -230,6 +230,32 @@ def _pair_outputs(model_out: dict, ref_out: dict, notes: list) -> list[tuple[str
     return [(k, k) for k in common]
 
 
+def regression_fit(pred: np.ndarray, target: np.ndarray) -> dict | None:
+    """RMSE, MAE and R^2 (1 - SSE / the targets' sum of squares about their mean) of ``pred`` against
+    ``target`` (same number of values); None if they do not match or hold non-finite values."""
+    p = np.asarray(pred, np.float64).reshape(-1)
+    t = np.asarray(target, np.float64).reshape(-1)
+    if p.size != t.size or not p.size or not (np.isfinite(p).all() and np.isfinite(t).all()):
+        return None
+    err = p - t
+    sst = float(np.sum((t - t.mean()) ** 2))
+    sse = float(np.sum(err**2))
+    r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else float("-inf"))
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err))), "r2": r2}
+
+
+def _fits(model_out: dict, ref_out: dict, pairs) -> dict:
+    """Per float output of the same shape: its fit to the reference's (:func:`regression_fit`)."""
+    out = {}
+    for a, b in pairs:
+        x, r = model_out[a], ref_out[b]
+        if _is_float(x) and _is_float(r) and x.shape == r.shape:
+            f = regression_fit(x, r)
+            if f is not None:
+                out[a] = f
+    return out
+
+
 def _diffs(model_out: dict, ref_out: dict, pairs, notes: list) -> tuple[float | None, float | None]:
     diff, scale = None, 0.0
     for a, b in pairs:
@@ -375,7 +401,10 @@ def evaluate_model(
     Returns a JSON-serialisable dict: ``model``, ``file_bytes``, ``samples``, ``accuracy`` (top-1,
     None without labels), ``reference`` (``model``, ``file_bytes``, ``accuracy``, ``max_abs``) or None,
     ``agreement`` (fraction of samples with the same top-1 as the reference), ``max_abs_diff`` and
-    ``max_rel_diff`` (over all float outputs, relative to the reference's max |output|), ``batch``
+    ``max_rel_diff`` (over all float outputs, relative to the reference's max |output|),
+    ``fit_to_reference`` ({output: {rmse, mae, r2}} of each float output against the reference's,
+    R^2 about the reference's mean), ``regression`` (rmse, mae, r2 against the labels when the scored
+    output is a regression output, also under ``reference``; else None), ``batch``
     (the fixed batch size or None), ``latency`` ({provider: {str(batch): {p50_ms, p90_ms,
     samples_per_s}}} or {provider: {"skipped": reason}}) and ``notes``.
     """
@@ -434,6 +463,8 @@ def evaluate_model(
         "agreement": None,
         "max_abs_diff": None,
         "max_rel_diff": None,
+        "fit_to_reference": None,
+        "regression": None,
         "batch": fixed,
         "latency": {},
         "notes": notes,
@@ -464,6 +495,8 @@ def evaluate_model(
             notes.append(f"no top-1 predictions from the model's output {key!r}: {how}")
         if dataset is not None and labels is not None:
             result["accuracy"] = _accuracy(pred, labels)
+            if pred is None and key is not None and _is_float(out[key]):  # a regression output
+                result["regression"] = regression_fit(out[key], labels)
 
         if ref_sess is not None:
             ref_out = _run_all(ref_sess, inputs, ref_fixed, "the reference")
@@ -478,6 +511,7 @@ def evaluate_model(
             if pred is not None and ref_pred is not None:
                 result["agreement"] = float(np.mean(pred == ref_pred))
             result["max_abs_diff"], result["max_rel_diff"] = _diffs(out, ref_out, pairs, notes)
+            result["fit_to_reference"] = _fits(out, ref_out, pairs)
             ref_max = [
                 float(np.max(np.abs(v[np.isfinite(v)])))
                 for v in ref_out.values()
@@ -489,6 +523,8 @@ def evaluate_model(
                 "accuracy": _accuracy(ref_pred, labels) if dataset is not None else None,
                 "max_abs": max(ref_max) if ref_max else None,
             }
+            if result.get("regression") is not None and ref_key is not None and _is_float(ref_out[ref_key]):
+                result["reference"]["regression"] = regression_fit(ref_out[ref_key], labels)
 
     lat_sizes = [fixed] if fixed else sizes
     if fixed and sizes != [fixed]:
@@ -546,12 +582,24 @@ def format_evaluation(d: dict) -> str:
         if d.get("accuracy") is not None:
             acc += f"   ({(d['accuracy'] - ref['accuracy']) * 100:+.2f} points)"
     lines.append(acc)
+    reg = d.get("regression")
+    if reg:
+        line = f"regression:   RMSE {reg['rmse']:.4g}  MAE {reg['mae']:.4g}  R^2 {reg['r2']:.4f}"
+        rreg = (ref or {}).get("regression")
+        if rreg:
+            line += f"   reference: RMSE {rreg['rmse']:.4g}  R^2 {rreg['r2']:.4f}"
+        lines.append(line)
     if ref:
         lines.append(f"agreement:    {_fmt_acc(d.get('agreement'))}  (same top-1 as the reference)")
         if d.get("max_abs_diff") is not None:
             rel = d.get("max_rel_diff")
             rel_s = f"  ({rel:.3g} of the reference's max |output|)" if rel is not None else ""
             lines.append(f"max |diff|:   {d['max_abs_diff']:.4g}{rel_s}")
+        fits = d.get("fit_to_reference") or {}
+        for name, f in list(fits.items())[:4]:
+            lines.append(f"fit {name!r}: RMSE {f['rmse']:.4g}, R^2 {f['r2']:.6f} against the reference's output")
+        if len(fits) > 4:
+            lines.append(f"  ({len(fits) - 4} more outputs in the JSON)")
     lat = d.get("latency") or {}
     if lat:
         lines.append("latency:")
