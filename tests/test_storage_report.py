@@ -98,6 +98,9 @@ def test_int8_model_report(compressed):
     # some layers were written smaller: dead channels cut out)
     ref = storage_report(compressed["int8"], reference=MODEL)
     assert [x["original_params"] for x in ref["layers"]] == [SIZES[n] for n in WEIGHTS]
+    # layers are named after their weights, with or without the reference; "tensor": the graph's name
+    assert [x["name"] for x in rep["layers"]] == [x["name"] for x in ref["layers"]] == WEIGHTS
+    assert all(x["tensor"].endswith("_DequantizeLinear_Output") for x in rep["layers"])
     assert any(x["params"] < x["original_params"] for x in ref["layers"])
 
 

@@ -138,6 +138,15 @@ def _original_name(name: str, stored: str, original_params: dict) -> str:
     return name
 
 
+def _qdq_name(name: str, stored: str) -> str:
+    """A QDQ weight's own name without a reference: its DequantizeLinear output or its integer
+    initializer, less the suffix the writer added."""
+    for cand, suffix in ((name, "_DequantizeLinear_Output"), (stored, "_quantized")):
+        if cand.endswith(suffix) and len(cand) > len(suffix):
+            return cand[: len(cand) - len(suffix)]
+    return name
+
+
 def storage_report(model_path, reference=None, original_params: dict[str, int] | None = None) -> dict:
     """Per-layer and total storage of ``model_path``'s compressible weights (see the module docstring).
 
@@ -217,7 +226,12 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
         row["nonzero"] = int(np.count_nonzero(w))
         row["distinct"] = int(len(np.unique(w[w != 0]))) if row["nonzero"] else 0
         row["bytes"]["file"] = sum(row["bytes"].values())
-        key = _original_name(n, inits[dq[n].input[0]].name if n in dq else n, original_params)
+        stored = inits[dq[n].input[0]].name if n in dq else n
+        key = _original_name(n, stored, original_params)
+        if n in dq:  # named after the weight, not the DequantizeLinear output ("tensor": the graph's name)
+            shown = key if key != n else _qdq_name(n, stored)
+            if shown != n:
+                row["name"], row["tensor"] = shown, n
         row["original_params"] = max(int(original_params.get(key, row["params"])), row["params"])
         row["fp32_bytes"] = 4 * row["original_params"]
         row["deep_compression"] = deep_compression(w.astype(np.float32) if w.dtype == np.float64 else w)
