@@ -1419,3 +1419,49 @@ def test_token_ids_out_of_the_table_are_a_data_error(tmp_path, bad):
     np.savez(tmp_path / "bad.npz", ids=ids)
     res = CliRunner().invoke(cli, ["compress", str(model), str(tmp_path / "c.onnx"), "--data", str(tmp_path / "bad.npz"), "--rate", "2x", "--quiet"])
     assert res.exit_code != 0 and "out of range for 'emb'" in res.output and "Traceback" not in res.output
+
+
+def test_embedding_tables_are_compressed(tmp_path):
+    """A Gather of a 2-D float table by token ids (a model input, here through Cast) is a weight:
+    pruned and quantized weight by weight, stored packed, listed by report and inspect; Gathers
+    of constants by constant or computed indices are not weights."""
+    from onnx import helper
+
+    from onnxadmm.importer.analysis import find_weights
+    from onnxadmm.validate.inspect import describe
+    from onnxadmm.validate.storage_report import storage_report
+
+    model = _embedding_model(tmp_path / "emb.onnx", vocab=200)
+    ws = {w.name: w for w in find_weights(load_model(model))}
+    assert ws["emb"].compressible and ws["emb"].op_type == "Gather" and ws["emb"].out_axis is None
+    ids = np.random.default_rng(2).integers(0, 200, size=(256, 5)).astype(np.int32)
+    out = tmp_path / "p.onnx"
+    rep = compress(model, out, {"ids": ids}, rate=4, bits=4, quiet=True, **FAST)
+    layers = {x["name"]: x for x in rep["layers"]}
+    assert layers["emb"]["op"] == "Gather" and layers["emb"]["rate"] > 3
+    check_output_matches_report(out, rep)
+    emb = onnx_weights(out)["emb"]
+    assert len(np.unique(emb[emb != 0])) <= 16  # 4 bits, the zeros by position
+    assert "emb" in rep["format"]["codebook_tensors"]
+    st = storage_report(out, reference=model)
+    assert [x["name"] for x in st["layers"]] == ["emb", "w"]
+    assert st["layers"][0]["nonzero"] == layers["emb"]["nonzero"]
+    assert next(x for x in describe(model)["layers"] if x["name"] == "emb")["channels_kept_by"].startswith(
+        "an embedding table"
+    )
+    # constant lookups: a table read at constant indices, or at indices computed by Range
+    m = load_model(model)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, 2], np.int64), "const_idx"))
+    m.graph.node.extend(
+        [
+            helper.make_node("Gather", ["emb", "const_idx"], ["picked"]),
+            helper.make_node("Range", ["zero", "two", "one"], ["r"]),
+            helper.make_node("Gather", ["emb2", "r"], ["picked2"]),
+        ]
+    )
+    m.graph.initializer.extend(
+        [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", 0), ("two", 2), ("one", 1))]
+        + [numpy_helper.from_array(np.ones((4, 8), np.float32), "emb2")]
+    )
+    ws = {w.name: w for w in find_weights(m)}
+    assert "emb2" not in ws and ws["emb"].compressible  # (emb: still the table of the token lookup)

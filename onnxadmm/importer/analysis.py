@@ -341,6 +341,36 @@ def resolve_source(name: str, producers: dict, consts: dict) -> str | None:
     return name
 
 
+# between a model's integer input and the Gather that looks its values up in a table
+INDEX_PATH = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
+def embedding_lookup(node: onnx.NodeProto, producers: dict, consts: dict, graph_inputs: set) -> bool:
+    """Whether ``node`` is an embedding lookup: Gather along axis 0 of a 2-D float constant table
+    (rows: the entries) with indices that come from a model input (token ids, through Cast, Identity
+    or shape-only ops). Such a table is a weight (compressed weight by weight, no channel axes);
+    other Gathers of constants (positional tables indexed by Range, anchors picked by TopK) are not."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return False
+    if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return False
+    src = resolve_source(node.input[0], producers, consts)
+    if src is None:
+        return False
+    dtype, shape = consts[src]
+    if dtype not in FLOAT_TYPES or len(shape) != 2 or min(shape) < 2:
+        return False
+    name = node.input[1]
+    for _ in range(8):
+        if name in graph_inputs:
+            return True
+        p = producers.get(name)
+        if p is None or p.op_type not in INDEX_PATH or not p.input:
+            return False
+        name = p.input[0]
+    return False
+
+
 def _axes(op_type: str, idx: int, shape: tuple, node: onnx.NodeProto) -> tuple[int | None, int | None]:
     nd = len(shape)
     if op_type in ("Conv", "DeformConv"):
@@ -481,6 +511,8 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
             for i, src in srcs.items():
                 if src is not None:
                     add(src[0], node.op_type, node, slots[i], i, consts, src[1])
+        elif node.op_type == "Gather" and embedding_lookup(node, producers, consts, graph_inputs):
+            add(resolve_source(node.input[0], producers, consts), "Gather", node, "weight", 0, consts)
         elif node.op_type == "Add" and len(node.input) == 2:
             for k in (0, 1):
                 other = producers.get(node.input[1 - k])
@@ -498,6 +530,7 @@ def find_weights(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = No
                 inner = {**{k: v for k, v in producers.items() if k not in local}, **own}
                 scan(list(g.node), inner, {k: v for k, v in consts.items() if k not in local})
 
+    graph_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
     # a body's own initializers are not trained (never weights): only the main graph's constants
     scan(list(graph.node) if nodes is None else nodes, _producers(graph), constant_types(graph))
     # a tensor also used as a weight elsewhere keeps its weight role

@@ -52,6 +52,8 @@ def describe(path) -> dict:
                 w.name,
                 "a recurrent layer (pruned weight by weight)"
                 if w.op_type in ("RNN", "GRU", "LSTM")
+                else "an embedding table (pruned weight by weight)"
+                if w.op_type == "Gather"
                 else "read inside an If/Loop/Scan body (channels stay in the file)"
                 if w.node not in by_node
                 else "read through a view or fake quantization (channels stay in the file)"

@@ -34,15 +34,21 @@ WEIGHT_INPUT = {
     "RNN": (1, 2),  # input and recurrence weights W, R
     "GRU": (1, 2),
     "LSTM": (1, 2),
+    "Gather": (0,),  # an embedding table, when its indices are computed (token ids), not constants
 }
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def _weight_names(graph: onnx.GraphProto, candidates: set[str]) -> list[str]:
-    """Candidate tensors consumed as the weight operand of a Conv/ConvTranspose/Gemm/MatMul or as the W/R
-    weights of a recurrent layer, in order."""
+    """Candidate tensors consumed as the weight operand of a Conv/ConvTranspose/Gemm/MatMul, as the W/R
+    weights of a recurrent layer or as the table of an embedding lookup, in order."""
     out: list[str] = []
+    consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
     for node in graph.node:
+        if node.op_type == "Gather" and (
+            len(node.input) < 2 or node.input[1] in consts or any(a.name == "axis" and a.i for a in node.attribute)
+        ):
+            continue  # a constant lookup, or not along the table's rows
         for i in WEIGHT_INPUT.get(node.op_type, ()):
             if i < len(node.input) and node.input[i] in candidates and node.input[i] not in out:
                 out.append(node.input[i])
