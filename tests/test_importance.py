@@ -155,3 +155,59 @@ def test_pruning_drops_weights_on_a_dead_input_first(tmp_path, importance):
 def test_importance_setting_is_checked():
     with pytest.raises(ConfigError, match="importance 'hessian'"):
         CompressConfig(importance="hessian").validate()
+
+
+def _lookup_model(vocab: int = 40, dim: int = 6):
+    """ids (int64, N x 4) -> Gather from a (vocab, dim) table -> mean over tokens -> MatMul (dim -> 3)."""
+    g = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"]),
+            helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        initializer=[
+            numpy_helper.from_array(RNG.normal(size=(vocab, dim)).astype(np.float32), "emb"),
+            numpy_helper.from_array(RNG.normal(size=(dim, 3)).astype(np.float32), "w"),
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_embedding_rows_scaled_by_their_share_of_lookups():
+    """A lookup is a one-hot input times the table: a row's factor is sqrt(its count / all lookups),
+    over the layer's mean (negative ids count for the row they pick); unused rows get 0."""
+    model = _lookup_model()
+    ids = RNG.integers(0, 10, size=(50, 4))
+    ids[0, 0] = -1  # row 39
+    s, _ = _scales(model, {"ids": ids})
+    counts = np.bincount(ids.reshape(-1) % 40, minlength=40).astype(np.float64)
+    rms = np.sqrt(counts / counts.sum())
+    np.testing.assert_allclose(s["emb"].numpy(), (rms / rms.mean()).reshape(-1, 1), rtol=1e-5)
+    assert s["emb"].shape == (40, 1) and float(s["emb"][20]) == 0.0
+
+
+def test_pruning_keeps_the_rows_the_data_look_up(tmp_path):
+    """Rows 10-39 (never looked up) are made the largest: activation importance prunes them first,
+    magnitude keeps them."""
+    model = _lookup_model()
+    emb = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    emb[10:] *= 20
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(emb, "emb"))
+    path = tmp_path / "lookup.onnx"
+    onnx.save(model, path)
+    ids = RNG.integers(0, 10, size=(400, 4))
+    kept = {}
+    for importance in ("activation", "magnitude"):
+        out = tmp_path / f"{importance}.onnx"
+        compress(
+            path, out, {"ids": ids}, rate=4, layer_rates={"emb": 4}, exclude=["w"], quiet=True, importance=importance,
+            admm_iterations=2, retrain_epochs=1, min_batches=5, batch_size=64, fmt="dense", shrink=False,
+        )  # fmt: skip
+        kept[importance] = numpy_helper.to_array(next(t for t in onnx.load(out).graph.initializer if t.name == "emb"))
+    assert np.count_nonzero(kept["activation"]) == 60 and np.count_nonzero(kept["activation"][10:]) == 0
+    assert np.count_nonzero(kept["magnitude"][10:]) == 60

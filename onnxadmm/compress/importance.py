@@ -15,7 +15,9 @@ it adds to its output channel.
 
 The statistics are taken once, from the original model on up to :data:`SAMPLES` training samples:
 per input feature of a Gemm/MatMul, per input channel of a Conv/ConvTranspose (every kernel position
-of a channel gets the channel's value). A weight whose input cannot be matched to one of its axes
+of a channel gets the channel's value); per row of an embedding table (a lookup is a one-hot input
+times the table, so a row's factor is the square root of its share of the lookups: rows of tokens
+the data never use go first). A weight whose input cannot be matched to one of its axes
 (a view chain that mixes axes, a weight used by several nodes, a layer inside a subgraph) keeps the
 plain magnitude.
 """
@@ -33,6 +35,9 @@ SAMPLES = 2048  # training samples the input statistics are measured on
 IMPORTANCE = ("activation", "magnitude")
 
 
+INDEX = "index"  # feature_input's axis for an embedding lookup: the indices pick the table's rows
+
+
 def feature_input(node: onnx.NodeProto, slot: int) -> tuple[str, int] | None:
     """(the activation input, its feature axis) of ``node`` whose input ``slot`` is a weight: the
     axis whose entries the weight's input axis multiplies; None for other layer kinds."""
@@ -41,6 +46,8 @@ def feature_input(node: onnx.NodeProto, slot: int) -> tuple[str, int] | None:
         return None
     if op in ("Conv", "ConvTranspose") and slot == 1:
         return node.input[0], 1
+    if op == "Gather" and slot == 0:  # an embedding table: a one-hot input times the table, rows as features
+        return node.input[1], INDEX
     if op == "MatMul" and slot in (0, 1):
         return (node.input[0], -1) if slot == 1 else (node.input[1], -2)
     if op == "Gemm" and slot in (0, 1):
@@ -105,6 +112,7 @@ def input_scales(
     n = len(next(iter(inputs.values())))
     idx = np.random.default_rng(seed).permutation(n)[: min(samples, n)]
     idx.sort()
+    by_name = {w.name: w for w in weights}
     sums: dict[tuple[str, int], torch.Tensor] = {}  # (activation, feature axis) -> sum of squares
     rows: dict[tuple[str, int], int] = {}
     keys: dict[str, tuple[str, int]] = {}  # weight -> the statistics it reads
@@ -119,6 +127,17 @@ def input_scales(
                 done = set()
                 for name, (a, axis, _) in wanted.items():
                     v = vals.get(a)
+                    if axis == INDEX:  # the rms of a one-hot feature: sqrt(the row's share of lookups)
+                        if not torch.is_tensor(v) or v.is_floating_point():
+                            continue
+                        rows_n = by_name[name].shape[0]
+                        key = keys[name] = (a, -1)
+                        if key not in done:
+                            done.add(key)
+                            counts = torch.bincount(v.reshape(-1).long() % rows_n, minlength=rows_n).double()
+                            sums[key] = sums[key] + counts if key in sums else counts
+                            rows[key] = rows.get(key, 0) + v.numel()
+                        continue
                     if not torch.is_tensor(v) or not v.is_floating_point() or v.dim() < 2:
                         continue
                     key = keys[name] = (a, axis % v.dim())
@@ -132,13 +151,15 @@ def input_scales(
     finally:
         module.train(was_training)
     out = {}
-    by_name = {w.name: w for w in weights}
     for name, key in keys.items():
         rms = np.sqrt(np.maximum((sums[key] / max(rows[key], 1)).cpu().numpy(), 0.0))
         mean = float(rms.mean())
         if not np.isfinite(mean) or mean <= 0:
             continue
-        s = scale_shape(by_name[name], wanted[name][2], (rms / mean).astype(np.float32))
+        if wanted[name][1] == INDEX:
+            s = (rms / mean).astype(np.float32).reshape(-1, 1)  # one factor per row of the table
+        else:
+            s = scale_shape(by_name[name], wanted[name][2], (rms / mean).astype(np.float32))
         if s is not None:
             out[name] = torch.from_numpy(np.array(s, dtype=np.float32)).to(device)
     return out
