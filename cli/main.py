@@ -156,10 +156,10 @@ def _defaults():
 )
 @click.option(
     "--importance",
-    type=click.Choice(["activation", "magnitude"]),
+    type=click.Choice(["auto", "activation", "magnitude"]),
     help="What a pruned layer keeps: activation ranks each weight by |w| times the rms of the input "
-    "it multiplies on the training data (weights on near-dead inputs go first); magnitude by |w|. "
-    "[default: magnitude]",
+    "it multiplies on the training data (weights on near-dead inputs go first); magnitude by |w|; "
+    "auto: activation when the data have no labels, else magnitude. [default: auto]",
 )
 @click.option(
     "--shrink/--no-shrink",

@@ -234,6 +234,7 @@ def test_report_contents(baseline):
         "final_retrain_epochs": FAST["retrain_epochs"],
         "allocation_power": 0.3,
         "epochs_per_iteration": 1.0,
+        "importance": "magnitude",  # auto, with labels
     }
     assert rep["config"] == CompressConfig(rate=20, seed=0, **resolved, **FAST).validate().to_dict()
     acc = rep["accuracy"]

@@ -211,3 +211,16 @@ def test_pruning_keeps_the_rows_the_data_look_up(tmp_path):
         kept[importance] = numpy_helper.to_array(next(t for t in onnx.load(out).graph.initializer if t.name == "emb"))
     assert np.count_nonzero(kept["activation"]) == 60 and np.count_nonzero(kept["activation"][10:]) == 0
     assert np.count_nonzero(kept["magnitude"][10:]) == 60
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_auto_importance_is_activation_without_labels(tmp_path, labels):
+    path, data = _dead_input_mlp(tmp_path)
+    if not labels:
+        data = {"x": data["x"]}
+    fast = dict(admm_iterations=1, retrain_epochs=1, min_batches=2, batch_size=64, fmt="dense", shrink=False)
+    rep = compress(path, tmp_path / "o.onnx", data, rate=2, layer_rates={"w1": 2}, exclude=["w2"], quiet=True, **fast)
+    assert rep["config"]["importance"] == ("magnitude" if labels else "activation")
+    w1 = numpy_helper.to_array(next(t for t in onnx.load(tmp_path / "o.onnx").graph.initializer if t.name == "w1"))
+    if not labels:  # the dead inputs' large weights went first
+        assert np.count_nonzero(w1[:4]) == 0

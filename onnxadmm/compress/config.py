@@ -97,10 +97,12 @@ class CompressConfig:
     zero_level: bool = False
     # what a pruned layer keeps: magnitude (|w|) or activation (|w| x the rms of the input feature it
     # multiplies on the training data; a large weight on a nearly dead input goes first;
-    # compress/importance.py). wuhanstudio's tiny MNIST CNNs at 3x: 0.22-0.29 points lost without
-    # labels against 2.93 (mnist-lg), 2-3 points gained with labels; LeNet-5 at 246x: 98.94% against
-    # 99.04% (one run each). Magnitude stays the default until the full benchmarks are rerun with it
-    importance: str = "magnitude"
+    # compress/importance.py); auto: activation when training without labels (distillation only),
+    # magnitude with labels. Without labels the nine MNIST models of shared/models lose as much or
+    # less with activation in every case (mnist-lg at 3x: 0.22 points against 2.93, mnist-sm 0.60
+    # against 0.95, the others within +-0.2; docs/benchmarks.md, sessions 18-19); with labels
+    # LeNet-5 at 246x gave 98.94% against 99.04% (one run each), so labels keep magnitude
+    importance: str = "auto"
     pseudo_labels: float = 1.0  # without labels: weight of cross-entropy on the original's top-1
     # class, added to the distillation of classifier outputs (0: distillation alone)
     val_fraction: float = 0.1  # held out when no --val-data is given

@@ -32,7 +32,7 @@ from ..importer import analysis
 from .objective import _attr
 
 SAMPLES = 2048  # training samples the input statistics are measured on
-IMPORTANCE = ("activation", "magnitude")
+IMPORTANCE = ("auto", "activation", "magnitude")  # auto: activation without labels, else magnitude
 
 
 INDEX = "index"  # feature_input's axis for an embedding lookup: the indices pick the table's rows

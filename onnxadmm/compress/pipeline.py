@@ -249,6 +249,8 @@ def compress(
     groups, biases, views, couples = _structure(cfg, proto, weights, log)
     cfg.allocation_power = cfg.power()  # (auto resolved: the report shows the value used)
     scales = {}
+    if cfg.importance == "auto":  # (the report's config shows the choice)
+        cfg.importance = "activation" if train.labels is None else "magnitude"
     if cfg.importance == "activation" and cfg.rate > 1:  # what each layer keeps: |w| x its input's rms
         from .importance import input_scales
 
