@@ -697,38 +697,30 @@ def _written_rate(
 
 
 def _check_indices(proto, ds: Dataset) -> None:
-    """Inputs that index a table (token ids into an embedding: Gather of an initializer, directly or
-    through Cast/Identity): every value within the table's size, else a DataError naming the input
-    (torch would stop with a bare IndexError, onnxruntime with an out-of-bounds error)."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    readers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    for name, x in ds.inputs.items():
-        x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.integer) or not x.size:
+    """Inputs that index a table (token ids into an embedding: Gather of an initializer, the ids
+    reaching it as :func:`analysis.index_input` follows them): every value within the table's size,
+    else a DataError naming the input (torch would stop with a bare IndexError, onnxruntime with an
+    out-of-bounds error)."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = analysis._producers(graph)
+    for n in graph.node:
+        if n.op_type != "Gather" or len(n.input) < 2 or n.input[0] not in inits:
             continue
-        todo, seen = [name], set()
-        while todo:
-            t = todo.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            for n in readers.get(t, []):
-                if n.op_type in ("Cast", "Identity"):
-                    todo.append(n.output[0])
-                elif n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and n.input[0] in inits:
-                    dims = list(inits[n.input[0]].dims)
-                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                    size = dims[axis % len(dims)] if dims else 0
-                    lo, hi = int(x.min()), int(x.max())
-                    if lo < -size or hi >= size:
-                        bad = lo if lo < -size else hi
-                        raise DataError(
-                            f"input {name!r}: value {bad} is out of range for {n.input[0]!r}, which has "
-                            f"{size} entries (valid: {-size} to {size - 1})"
-                        )
+        name = analysis.index_input(n.input[1], producers, set(ds.inputs))
+        x = np.asarray(ds.inputs[name]) if name is not None else None
+        if x is None or not np.issubdtype(x.dtype, np.integer) or not x.size:
+            continue
+        dims = list(inits[n.input[0]].dims)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        size = dims[axis % len(dims)] if dims else 0
+        lo, hi = int(x.min()), int(x.max())
+        if lo < -size or hi >= size:
+            bad = lo if lo < -size else hi
+            raise DataError(
+                f"input {name!r}: value {bad} is out of range for {n.input[0]!r}, which has "
+                f"{size} entries (valid: {-size} to {size - 1})"
+            )
 
 
 def _retarget_fn(cfg, proto, module, sizes: dict, scales: dict, log):

@@ -360,15 +360,20 @@ def embedding_lookup(node: onnx.NodeProto, producers: dict, consts: dict, graph_
     dtype, shape = consts[src]
     if dtype not in FLOAT_TYPES or len(shape) != 2 or min(shape) < 2:
         return False
-    name = node.input[1]
+    return index_input(node.input[1], producers, graph_inputs) is not None
+
+
+def index_input(name: str, producers: dict, graph_inputs: set) -> str | None:
+    """The model input that the index tensor ``name`` carries the values of (through Cast, Identity
+    or shape-only ops, :data:`INDEX_PATH`), or None if it is computed otherwise."""
     for _ in range(8):
         if name in graph_inputs:
-            return True
+            return name
         p = producers.get(name)
         if p is None or p.op_type not in INDEX_PATH or not p.input:
-            return False
+            return None
         name = p.input[0]
-    return False
+    return None
 
 
 def _axes(op_type: str, idx: int, shape: tuple, node: onnx.NodeProto) -> tuple[int | None, int | None]:

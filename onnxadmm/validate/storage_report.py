@@ -134,23 +134,22 @@ def _param_counts(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+QDQ_SUFFIXES = ("_DequantizeLinear_Output", "_quantized")  # of the DequantizeLinear output, the integer tensor
+
+
+def _qdq_names(name: str, stored: str) -> list[str]:
+    """The names a QDQ writer (ours, onnxruntime.quantization) started from: a weight ``<w>`` becomes
+    ``<w>_quantized`` feeding a DequantizeLinear whose output is ``<w>_DequantizeLinear_Output``."""
+    return [
+        cand[: len(cand) - len(suffix)]
+        for cand, suffix in zip((name, stored), QDQ_SUFFIXES, strict=True)
+        if cand.endswith(suffix) and len(cand) > len(suffix)
+    ]
+
+
 def _original_name(name: str, stored: str, original_params: dict) -> str:
-    """The weight's name in the original model: QDQ writers (ours, onnxruntime.quantization) rename
-    a weight to ``<name>_quantized`` feeding a DequantizeLinear whose output is
-    ``<name>_DequantizeLinear_Output``."""
-    for cand, suffix in ((name, ""), (name, "_DequantizeLinear_Output"), (stored, "_quantized")):
-        if cand.endswith(suffix) and cand[: len(cand) - len(suffix)] in original_params:
-            return cand[: len(cand) - len(suffix)]
-    return name
-
-
-def _qdq_name(name: str, stored: str) -> str:
-    """A QDQ weight's own name without a reference: its DequantizeLinear output or its integer
-    initializer, less the suffix the writer added."""
-    for cand, suffix in ((name, "_DequantizeLinear_Output"), (stored, "_quantized")):
-        if cand.endswith(suffix) and len(cand) > len(suffix):
-            return cand[: len(cand) - len(suffix)]
-    return name
+    """The weight's name in the original model (``name`` itself or a QDQ writer's source name)."""
+    return next((c for c in [name, *_qdq_names(name, stored)] if c in original_params), name)
 
 
 def storage_report(model_path, reference=None, original_params: dict[str, int] | None = None) -> dict:
@@ -235,7 +234,7 @@ def storage_report(model_path, reference=None, original_params: dict[str, int] |
         stored = inits[dq[n].input[0]].name if n in dq else n
         key = _original_name(n, stored, original_params)
         if n in dq:  # named after the weight, not the DequantizeLinear output ("tensor": the graph's name)
-            shown = key if key != n else _qdq_name(n, stored)
+            shown = key if key != n else next(iter(_qdq_names(n, stored)), n)
             if shown != n:
                 row["name"], row["tensor"] = shown, n
         row["original_params"] = max(int(original_params.get(key, row["params"])), row["params"])
