@@ -126,7 +126,7 @@ class Runner:
         if self.masked and e.cfg.retrain_schedule == "cosine":  # as Engine.train_epoch, retraining unit 0
             progress = (i / total) / max(1, math.ceil(e.cfg.retrain_epochs))
             for g in opt.param_groups:
-                g["lr"] = e.cfg.retrain_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+                g["lr"] = e.cfg.retrain_lr * g.get("lr_scale", 1.0) * 0.5 * (1.0 + math.cos(math.pi * progress))
         opt.zero_grad(set_to_none=True)
         outs = e._outs(xs)
         loss = loss_fn(e.heads, outs, y, t, e.cfg.distill, e.cfg.temperature)

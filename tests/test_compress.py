@@ -1466,3 +1466,44 @@ def test_embedding_tables_are_compressed(tmp_path):
     )
     ws = {w.name: w for w in find_weights(m)}
     assert "emb2" not in ws and ws["emb"].compressible  # (emb: still the table of the token lookup)
+
+
+def test_adam_step_floor_relative_to_each_tensors_rms():
+    """lr_relative: Adam's first step moves every value by its group's lr (|g| >> eps), which is
+    max(lr, lr_relative * the tensor's rms in the input model), weights and biases alike; 0 turns it
+    off; the cosine schedule keeps the ratio."""
+    lr = 1e-3
+    e = make_engine(CompressConfig(batch_size=8, min_batches=1, max_batches_per_epoch=1))
+    params = dict(e.m.named_onnx_parameters())
+    rms = {n: float(p.detach().double().pow(2).mean().sqrt()) for n, p in params.items()}
+    scaled = {n for n in params if 0.01 * rms[n] > lr}
+    # the test needs weights and biases on both sides of the floor
+    assert scaled & set(e.names) and set(e.names) - scaled and scaled - set(e.names), rms
+    opt = e.make_optimizer(lr)
+    assert opt.param_groups[0]["lr"] == lr and opt.param_groups[0]["lr_scale"] == 1.0
+    assert len(opt.param_groups) == 1 + len(scaled)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    xs, y, t, _ = next(e.batches(1.0))
+    opt.zero_grad()
+    logits = e._outs(xs)[0].float()
+    (logits.logsumexp(1) - logits[torch.arange(len(y)), y]).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in params.items()}
+    opt.step()
+    for n, p in params.items():
+        big = grads[n].abs() > 1e-4  # eps 1e-8 shrinks the step of a tiny gradient
+        step = (p.detach() - before[n]).abs()[big]
+        want = 0.01 * rms[n] if n in scaled else lr
+        assert step.numel() and torch.allclose(step, torch.full_like(step, want), rtol=1e-3), n
+    # off: one group, every step lr
+    e0 = make_engine(CompressConfig(lr_relative=0))
+    assert len(e0.make_optimizer(lr).param_groups) == 1
+    # the cosine retraining schedule multiplies each group's lr by its scale
+    e = make_engine(CompressConfig(batch_size=4, min_batches=1, max_batches_per_epoch=4))
+    e.hard_prune(0)
+    opt = e.make_optimizer(lr)
+    e.train_epoch(Unit("retrain", 0, 0), opt, "t")
+    assert opt.param_groups[0]["lr"] < lr  # the schedule moved
+    for g in opt.param_groups[1:]:
+        assert g["lr"] == pytest.approx(opt.param_groups[0]["lr"] * g["lr_scale"], rel=1e-9)
+    with pytest.raises(ConfigError, match="lr_relative"):
+        CompressConfig(lr_relative=-0.1).validate()

@@ -65,6 +65,12 @@ class CompressConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
+    # Adam: each compressible layer's step is at least this fraction of its weight rms in the input
+    # model (0: off). Adam moves every weight by about lr a step whatever its size: at 1e-3 a layer of
+    # rms 0.5 changes by 0.2% a step, LeNet-5's (rms 0.05) by 2%. The floor leaves layers of rms up to
+    # lr / lr_relative (0.1) alone. Tiny Keras MNIST models (rms 0.4-1.5) retrain to closer agreement
+    # with it (docs/benchmarks.md, session 20)
+    lr_relative: float = 0.01
     final_retrain_lr: float | None = None  # retraining lr of the final step (None: auto, below)
     # The final step is the one that reaches the final pruning rate (the quantization step when
     # nothing is pruned). Auto: from restart_rate up, its retraining restarts at 10x retrain_lr for
@@ -163,7 +169,7 @@ class CompressConfig:
             setattr(self, name, int(v))
         for name in (
             "epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels",
-            "quant_damping",
+            "quant_damping", "lr_relative",
         ):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
