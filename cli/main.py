@@ -249,6 +249,12 @@ def _defaults():
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help=f"[default: {_defaults().optimizer}]")
 @click.option("--lr", type=float, help=f"W-step learning rate. [default: {_defaults().lr}]")
 @click.option(
+    "--lr-relative",
+    type=float,
+    help="Adam: each weight or bias tensor's step is at least this fraction of its rms in the input "
+    f"model (0: off). [default: {_defaults().lr_relative}]",
+)
+@click.option(
     "--retrain-lr",
     type=float,
     help=f"Masked retraining learning rate (cosine decay to 0 per step). [default: {_defaults().retrain_lr}]",
