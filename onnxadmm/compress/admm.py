@@ -375,11 +375,12 @@ class Engine:
             return apply_codebook(st.grids[n], st.codes[n]).to(w.dtype)
         return project_to_grid(w, st.grids[n], st.masks.get(n)).to(w.dtype)
 
-    def step_centroids(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def step_centroids(self, lr: float | dict[str, float], betas=(0.9, 0.999), eps: float = 1e-8):
         """Joint centroid update of clustered layers: each centroid's gradient is the sum of its
         members' (straight-through) gradients, and an Adam step of its own moves it. Feeding member
         gradients to the shadows' optimizer instead would move a centroid by the mean of per-member
-        normalised steps, which is not a descent direction (it wrecked models fed raw 0-255 pixels)."""
+        normalised steps, which is not a descent direction (it wrecked models fed raw 0-255 pixels).
+        ``lr``: one rate, or each clustered layer's (its optimizer group's, see :meth:`lr_scales`)."""
         from .quantize import Grid
 
         st = self.state
@@ -398,7 +399,8 @@ class Engine:
                 t += 1
                 m = betas[0] * m + (1 - betas[0]) * g
                 v = betas[1] * v + (1 - betas[1]) * g * g
-                update = lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+                rate = lr[n] if isinstance(lr, dict) else lr
+                update = rate * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
                 st.moments[n] = (m, v, t)
                 book = (grid.codebook[0].double() - update).float()
                 st.grids[n] = Grid(book[None], None, grid.kind, grid.bits)
@@ -467,7 +469,8 @@ class Engine:
             elif self.state.grids:
                 self.add_damping_grad()
             if self.state.codes:
-                self.step_centroids(optimizer.param_groups[0]["lr"])
+                group_lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+                self.step_centroids({n: group_lr[id(self.params[n])] for n in self.state.codes})
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()
