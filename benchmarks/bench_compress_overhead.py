@@ -5,7 +5,9 @@ All modes train the same imported LeNet-5 (Caffe variant, written with ``onnx.he
 same batches (``Engine.batches``, same seed); each ``--threads`` value (default 2, then 1) is timed
 separately:
 
-* ``fine-tune``: the plain loop (zero_grad, forward, loss, backward, step, ``loss.item()``);
+* ``fine-tune``: the plain loop (zero_grad, forward, loss, backward, step, ``loss.item()``) with one
+  Adam over all parameters (the ADMM modes use ``Engine.make_optimizer``: per-tensor groups where
+  the ``lr_relative`` floor lifts a step);
 * ``ADMM W-step``: the loop of ``Engine.train_epoch`` on an ``admm`` unit: the loss plus the
   penalty rho/2 sum ||W - Z + U||^2 over the four weight tensors; at the end of the epoch the
   Z-step (top-k projection), the U-step and the residual;
@@ -102,7 +104,11 @@ class Runner:
 
     def __init__(self, mode: str, engine: Engine, lr: float):
         self.mode, self.e = mode, engine
-        self.opt = engine.make_optimizer(lr)
+        if mode == "fine-tune":  # what users run: one Adam over every parameter at one lr
+            ps = [p for p in engine.m.parameters() if p.requires_grad]
+            self.opt = torch.optim.Adam(ps, lr=lr)
+        else:  # onnxadmm's: per-tensor groups where the lr_relative floor lifts a step
+            self.opt = engine.make_optimizer(lr)
         self.admm = mode in ("ADMM W-step", ALT)
         self.inplace = mode == ALT
         self.masked = mode == "masked retrain"
@@ -463,7 +469,9 @@ fine-tuning of the same imported LeNet-5 (Caffe variant, ONNX written with `onnx
 copy per mode): Adam, batch {args.batch}, cross-entropy, the same batches (`Engine.batches`, same seed).
 Data: {src}, {batches} batches per epoch.
 
-- fine-tune: zero_grad, forward, loss, backward, step, `loss.item()`.
+- fine-tune: zero_grad, forward, loss, backward, step, `loss.item()`; one Adam over all parameters
+  (the other modes use `Engine.make_optimizer`: an Adam group per tensor that the `lr_relative`
+  floor lifts).
 - ADMM W-step: one batch of `Engine.train_epoch` on an `admm` unit: the loss's gradient plus the
   gradient of the penalty rho/2 sum ||W - Z + U||^2, rho (W - Z + U), added in place to each of the
   4 weight tensors' `.grad` (`Engine.add_penalty_grad`); at the epoch end the Z-step (top-k
