@@ -65,11 +65,12 @@ class CompressConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3  # W-step learning rate
     retrain_lr: float = 1e-3  # masked retraining learning rate (cosine decay to 0 per step)
-    # Adam: each compressible layer's step is at least this fraction of its weight rms in the input
-    # model (0: off). Adam moves every weight by about lr a step whatever its size: at 1e-3 a layer of
-    # rms 0.5 changes by 0.2% a step, LeNet-5's (rms 0.05) by 2%. The floor leaves layers of rms up to
-    # lr / lr_relative (0.1) alone. Tiny Keras MNIST models (rms 0.4-1.5) retrain to closer agreement
-    # with it (docs/benchmarks.md, session 20)
+    # Adam: each trainable tensor's step (weights, biases, normalisation) is at least this fraction
+    # of its rms in the input model (0: off). Adam moves every value by about lr a step whatever its
+    # size: at 1e-3 a tensor of rms 0.5 changes by 0.2% a step, LeNet-5's weights (rms 0.05) by 2%.
+    # Tensors of rms up to lr / lr_relative (0.1) keep lr. The tiny Keras MNIST models (weights of rms
+    # 0.4-1.5, biases ~1) lost 0.48 / 0.22 points at 3x without labels, 0.05 / 0.04 with it
+    # (docs/benchmarks.md, "Adam step floor", session 20)
     lr_relative: float = 0.01
     final_retrain_lr: float | None = None  # retraining lr of the final step (None: auto, below)
     # The final step is the one that reaches the final pruning rate (the quantization step when
