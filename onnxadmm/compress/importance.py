@@ -1,12 +1,13 @@
 """Which weights a layer keeps: the importance that pruning ranks them by.
 
-``magnitude`` (the default): |w|. ``activation``: |w| times the root mean square of the input feature
+``magnitude``: |w|. ``activation``: |w| times the root mean square of the input feature
 that ``w`` multiplies, measured on the training data (Wanda, Sun et al. 2023; the diagonal of the
 layer's input second moment, as in optimal brain surgeon approximations). A weight's share of the
 layer's output is about |w| x rms(x): a large weight on an input that is almost always zero (an
 image's border pixels, a channel that a ReLU leaves dead) costs nothing to remove, and magnitude
 pruning keeps it while cutting weights that carry signal. Where no gradient reaches such a weight
-(its input is exactly zero), ADMM training never shrinks it either.
+(its input is exactly zero), ADMM training never shrinks it either. The default, ``auto``, is
+``activation`` when training without labels and ``magnitude`` with labels (the pipeline decides).
 
 The supports chosen this way are Euclidean projections in the norm ||D^1/2 (W - Z)|| with D the
 inputs' mean squares: the kept values are W's own, only the ranking changes. Structured groups
