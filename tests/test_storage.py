@@ -917,15 +917,160 @@ def test_bundle_every_layout_exact(k):
             assert np.array_equal(a, weights[name]) and np.array_equal(r, weights[name]), (key, name)
         (data,) = [t for t in inits if t.name == "_Tdata"]
         assert st._tensor_nbytes(data) == -(-_payload_bits(entry) // 8)
-        assert entry["bits"] == max(1, (k - 1 if entry.get("shift") else k).bit_length())
-        radix = bd.radix(k if entry.get("shift") else k + 1)
+        kk = entry.get("grid", k)  # symbols: the member's levels, or the shared integer grid
+        assert ("grid" in entry) == (plan.grid is not None)
+        assert entry["bits"] == max(1, (kk - 1 if entry.get("shift") else kk).bit_length())
+        radix = bd.radix(kk if entry.get("shift") else kk + 1)
         assert entry.get("radix", [0, 1, 0])[1] == (radix[0] if plan.grouped else 1)
     families = {f for f, _ in seen}
     regions = set().union(*(r for _, r in seen))
     assert regions == {"dense", "bitmap", "gaps"}
-    assert (False, False) in families and (True, False) in families
-    assert ((False, True) in families) == (bd.radix(k + 1)[0] > 1)
-    assert ((True, True) in families) == (bd.radix(k)[0] > 1)
+    assert (False, False, False) in families and (True, False, False) in families
+    assert ((False, True, False) in families) == (bd.radix(k + 1)[0] > 1)
+    assert ((True, True, False) in families) == (bd.radix(k)[0] > 1)
+    # one level per member is a step times +-1: the grid plans are built too
+    assert any(f[2] for f in families) == (k == 1)
+
+
+def _affine_weights(rng, bits, dtype, layers=BUNDLE_LAYERS):
+    """Uniform quantization's weights: each layer a step times the integers +-1 .. +-2**(bits-1)
+    (pruned layers' grid), the step arbitrary in ``dtype``; layer ``c2`` never uses +-1."""
+    weights, encodings = {}, {}
+    ints = np.concatenate([-np.arange(1, 2 ** (bits - 1) + 1), np.arange(1, 2 ** (bits - 1) + 1)])
+    for name, (shape, density) in layers.items():
+        step = np.asarray(rng.uniform(0.003, 0.2), dtype=dtype)
+        own = ints[np.abs(ints) > 1] if name == "c2" and bits > 1 else ints
+        levels = own.astype(dtype) * step
+        w = levels[rng.integers(0, levels.size, shape)]
+        keep = rng.random(shape) < density
+        keep.flat[rng.integers(w.size)] = True
+        w = np.where(keep, w, 0).astype(dtype)
+        weights[name] = w
+        encodings[name] = encode_from_values(w, np.append(levels.astype(np.float32), 0))
+    return weights, encodings
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_bundle_affine_grid_exact(bits, dtype, opset, tmp_path):
+    """Members whose levels are a step times small integers share one int8 grid and store a step
+    each (uniform quantization's codebooks: ``K`` floats each become one), decode exactly in
+    onnxruntime and onnx's reference evaluator, and the report's bytes add up to the bundle's."""
+    from onnxadmm.export import bundle as bd
+
+    rng = np.random.default_rng(bits * 11 + opset)
+    weights, encodings = _affine_weights(rng, bits, dtype)
+    members = [bd.member(n, e) for n, e in encodings.items()]
+    for m in members:
+        step, ints = m.affine
+        assert np.array_equal((ints.astype(dtype) * np.asarray(step, dtype)).astype(np.float32), m.levels)
+    assert bd._grid(members).size == 2**bits
+    # every grid layout (regions, shifted codes, radix) decodes exactly on its own
+    seen = set()
+    for _, plan in bd._plans(members):
+        key = (plan.family, frozenset(plan.regions.values()))
+        if plan.grid is None or key in seen:
+            continue
+        seen.add(key)
+        b, entry = bd._build(plan, opset, "_T")
+        assert entry["grid"] == 2**bits
+        outs = [helper.make_tensor_value_info(n, ELEM_TYPE[dtype], list(w.shape)) for n, w in weights.items()]
+        model = helper.make_model(
+            helper.make_graph(b.nodes, "d", [], outs, [t for _, t in b.initializers.values()]),
+            opset_imports=[helper.make_opsetid("", opset)],
+        )
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+        ref = ReferenceEvaluator(model).run(None, {})
+        for name, a, r in zip(weights, got, ref):
+            assert a.dtype == dtype and np.array_equal(a, weights[name]) and np.array_equal(r, weights[name])
+        # folded at load: with the weights used by Adds, no decoder node is left after basic optimisation
+        used = _bundle_model(weights, opset)
+        used.graph.node.extend(b.nodes)
+        used.graph.ClearField("initializer")
+        used.graph.initializer.extend(t for _, t in b.initializers.values())
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(used.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        left = onnx.load(so.optimized_model_filepath).graph.node
+        assert not [n.op_type for n in left if any(x.startswith("_T") for x in [*n.input, *n.output])]
+    assert len(seen) >= 3
+    # the planner keeps the grid where it makes the file smaller (float32 from 3 bits: 8+ floats a
+    # member against one step; float16 weights pay a Cast each); end to end through apply_storage,
+    # analyze and expand_storage
+    reference = _bundle_model(weights, opset)
+    out = apply_storage(reference, encodings, bundle="always")
+    _check_exact(reference, out)
+    (tag, entry), = _bundle_entries(out).items()
+    if "grid" not in entry:
+        assert bits < 3 or dtype == np.float16
+        return
+    assert entry["grid"] == 2**bits and entry["bits"] <= bits
+    inits = {t.name: t for t in out.graph.initializer}
+    assert numpy_helper.to_array(inits[tag + "codebook"]).dtype == np.int8
+    assert numpy_helper.to_array(inits[tag + "step"]).size == len(weights)
+    for name, got in _decoded_by_reference(out, list(weights)).items():
+        assert got.dtype == weights[name].dtype and np.array_equal(got, weights[name])
+    report = analyze(out)
+    new = _new_initializers(reference, out)
+    assert sum(report[n]["bytes"]["total"] for n in weights) == sum(_data_bytes(t) for t in new)
+    books = sum(report[n]["bytes"]["codebook"] for n in weights)
+    assert books == _data_bytes(inits[tag + "codebook"]) + _data_bytes(inits[tag + "step"])
+    for name, w in weights.items():
+        assert report[name]["K"] == np.unique(w[w != 0]).size and report[name]["nonzero"] == np.count_nonzero(w)
+    plain = st.expand_storage(out)
+    values = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    assert all(values[n].dtype == w.dtype and np.array_equal(values[n], w) for n, w in weights.items())
+
+
+def test_bundle_affine_grid_pays_and_falls_back():
+    """At 3 bits the grid's codebook bytes are a fraction of the per-member tables' (the planner
+    keeps it); one member off any grid (a k-means codebook) makes the whole bundle use tables."""
+    from onnxadmm.export import bundle as bd
+
+    rng = np.random.default_rng(5)
+    weights, encodings = _affine_weights(rng, 3, np.float32)
+    members = [bd.member(n, e) for n, e in encodings.items()]
+    best = {}
+    for _, plan in bd._plans(members):
+        b, entry = bd._build(plan, 13, "_T")
+        key = plan.grid is not None
+        cost = b.bytes_by_role()
+        if key not in best or cost["total"] < best[key]["total"]:
+            best[key] = cost
+    assert best[True]["codebook"] + 60 < best[False]["codebook"]  # 9 + 16 bytes against 4 x 9 floats
+    assert best[True]["total"] < best[False]["total"]
+    out = apply_storage(_bundle_model(weights), encodings, bundle="always")
+    assert "grid" in next(iter(_bundle_entries(out).values()))
+
+    clustered = dict(encodings)
+    w = weights["f2"].copy()
+    w[w != 0] += np.float32(0.0123) * np.sign(w[w != 0]) * (np.abs(w[w != 0]) > np.median(np.abs(w[w != 0])))
+    levels = np.unique(w[w != 0])
+    clustered["f2"] = encode_from_values(w, np.append(levels, 0))
+    assert bd.member("f2", clustered["f2"]).affine is None
+    mixed = dict(weights, f2=w)
+    out = apply_storage(_bundle_model(mixed), clustered, bundle="always")
+    _check_exact(_bundle_model(mixed), out)
+    assert "grid" not in next(iter(_bundle_entries(out).values()))
+
+
+def test_affine_levels():
+    """The step is found from the smallest level (divided by 1..4), rebuilt exactly or refused."""
+    from onnxadmm.export.bundle import _affine
+
+    s = np.float32(0.0371)
+    step, ints = _affine(np.array([-3, -1, 2, 4], np.float32) * s, np.float32)
+    assert np.float32(step) == s and ints.tolist() == [-3, -1, 2, 4]
+    step, ints = _affine(np.array([-4, 2, 3], np.float32) * s, np.float32)  # no +-1 level
+    assert np.float32(step) == s and ints.tolist() == [-4, 2, 3]
+    assert _affine(np.array([0.1, 0.25, 0.37], np.float32), np.float32) is None  # k-means centroids
+    assert _affine(np.array([1.0, 1000.0], np.float32), np.float32) is None  # integers too large
+    assert _affine(np.array([0.5, 1.0], np.float32), np.float64) is None  # only float32 / float16
+    half = np.float16(0.0371)
+    step, ints = _affine(np.array([-2, 1, 2], np.float16) * half, np.float16)
+    assert np.float16(step) == half and ints.tolist() == [-2, 1, 2]
 
 
 def test_radix():

@@ -10,7 +10,10 @@ whole bytes and small layers as plain floats. A bundle stores the weights that s
   after the other: the *codes*, the *bitmap* (one bit per element of the members in the bitmap
   region) and the *gaps* (``r`` bits each);
 - one codebook table, the members' ``[0, v_1, ..., v_K]`` one after the other (float16 where every
-  value is exact in it): code 0 is the zero, codes ``1..K`` a member's non-zero values;
+  value is exact in it): code 0 is the zero, codes ``1..K`` a member's non-zero values; or, where
+  every member's levels are a step times small integers (uniform quantization), a *grid*: one int8
+  table ``[0, n_1, .., n_K]`` of the integers any member uses, codes indexing it, and one step per
+  member (3 bits: 9 bytes and a float per member instead of 9 floats per member);
 - each member in one of three regions of a virtual vector ``V`` (dense members first, then bitmap,
   then gaps members): *dense* (a code for every element, zeros included), *bitmap* (a bit per
   element, 1 where a non-zero code follows: pays from densities of about 1/5 to 1/2) or *gaps*
@@ -37,11 +40,15 @@ with one unused code, so no ``- 1`` is needed, and masked slots get code 0; shif
 places all slots into zeros. ``Split`` cuts ``V`` into the members and the table into their
 codebooks (after one ``Cast`` of a float16 table for float32 weights); each member is ``Reshape``-d
 to its shape and looked up in its codebook with ``Gather``, whose output carries the weight's name.
+With a grid, ``V`` is looked up once in the ``Cast`` grid (float32), ``Split`` into the members and
+each ``Mul``-tiplied by its step (the step table ``Split`` into scalars; exact in float32, ``Cast`` to
+float16 weights after the product: onnxruntime cannot fold a float16 ``Mul``), then ``Reshape``-d.
 Every input is a constant, so onnxruntime folds the chain at load; needs opset 11.
 
 The ``onnxadmm.storage`` metadata holds one entry for the bundle, under its tag: ``format`` =
 :data:`FORMAT`, ``bits`` (``ceil(log2 A)``), ``gap_bits``, ``members``: per member ``[name, region,
-shape, K, stored, fillers, nonzero]``, and where used ``shift`` (1) and ``radix`` (``[A, g, w]``);
+shape, K, stored, fillers, nonzero]``, and where used ``shift`` (1), ``radix`` (``[A, g, w]``) and
+``grid`` (the grid's size; the tables are ``<tag>codebook`` and ``<tag>step``);
 :func:`expand_meta` turns it into per-weight descriptions. Files of session 15 (a codebook tensor per
 member, ``<tag>codebook<i>``, no shift or radix) are read as well.
 """
@@ -89,6 +96,14 @@ class Member:
         return np.flatnonzero(self.codes)
 
     @property
+    def affine(self) -> tuple[float, np.ndarray] | None:
+        """``(step, ints)`` with ``levels == ints * step`` exactly in the weight's dtype (``ints`` small
+        non-zero integers: uniform quantization's levels), or None."""
+        if not hasattr(self, "_affine"):
+            self._affine = _affine(self.levels, self.dtype)
+        return self._affine
+
+    @property
     def skips(self) -> np.ndarray:
         """Zeros before each non-zero element (the first counts from position -1)."""
         if not hasattr(self, "_skips"):
@@ -109,6 +124,39 @@ def member(name: str, enc: st.Encoded) -> Member | None:
     nz = w != 0
     codes[nz] = np.searchsorted(levels, w[nz]) + 1
     return Member(name, enc.shape, enc.dtype, levels, codes)
+
+
+#: Largest integer level of an affine member (its grid table is stored as int8).
+_GRID_MAX = 127
+
+
+def _affine(levels: np.ndarray, dtype: np.dtype) -> tuple[float, np.ndarray] | None:
+    """See :attr:`Member.affine`: the step is the smallest level's magnitude divided by 1..4, the
+    first that rebuilds every level exactly (a product rounded in ``dtype``, as the decoder's Mul)."""
+    lv = np.asarray(levels, dtype=np.float32)
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)) or not lv.size:
+        return None
+    if not np.all(np.isfinite(lv)):
+        return None
+    smallest = np.float32(np.min(np.abs(lv)))
+    for d in (1, 2, 3, 4):
+        step = np.float32(smallest / np.float32(d))
+        if not step > 0 or np.float32(step.astype(dtype)) != step:
+            continue
+        ints = np.rint(lv / step)
+        if np.abs(ints).max() > _GRID_MAX or np.any(ints == 0):
+            continue
+        rebuilt = ints.astype(dtype) * np.asarray(step, dtype=dtype)
+        if np.array_equal(rebuilt.astype(np.float32), lv):
+            return float(step), ints.astype(np.int64)
+    return None
+
+
+def _grid(members: list[Member]) -> np.ndarray | None:
+    """The sorted union of the members' integer levels where every member is affine, else None."""
+    if not all(m.affine is not None for m in members):
+        return None
+    return np.unique(np.concatenate([m.affine[1] for m in members]))
 
 
 def bundle_key(m: Member) -> str:
@@ -151,6 +199,7 @@ class _Plan:
     shift: bool  # codes stored less 1 (no member is dense: no code 0 to store)
     grouped: bool  # codes stored in base ``alphabet``, several to a number (see radix)
     gap_bits: int  # 0: no member in the gaps region
+    grid: np.ndarray | None = None  # affine codebooks: codes index this integer grid, times a step
 
     @property
     def bits(self) -> int:
@@ -162,16 +211,23 @@ class _Plan:
         return radix(self.alphabet) if self.grouped else (1, self.bits)
 
     @property
-    def family(self) -> tuple[bool, bool]:
-        return self.shift, self.radix[0] > 1
+    def family(self) -> tuple[bool, bool, bool]:
+        return self.shift, self.radix[0] > 1, self.grid is not None
 
 
 def _plans(members: list[Member]) -> list[tuple[float, _Plan]]:
     """Candidate layouts, best payload first: each gap width, each member in its cheapest region;
-    codes ``0..K`` where a member may be dense, else ``1..K`` stored less 1 (``K`` symbols)."""
-    kmax = max(m.levels.size for m in members)
+    codes ``0..K`` where a member may be dense, else ``1..K`` stored less 1 (``K`` symbols); each
+    with per-member codebooks and, where every member's levels are a step times small integers, with
+    one integer grid (``K`` its size) and a step per member."""
     out = []
-    for shift, grouped in ((False, False), (False, True), (True, False), (True, True)):
+    grid = _grid(members)
+    kinds = [(None, max(m.levels.size for m in members))]
+    if grid is not None:
+        kinds.append((grid, grid.size))
+    for (grid, kmax), shift, grouped in (
+        (k, sh, gr) for k in kinds for sh, gr in ((False, False), (False, True), (True, False), (True, True))
+    ):
         alphabet = kmax if shift else kmax + 1
         g, w = radix(alphabet)
         if grouped and g == 1:
@@ -192,7 +248,7 @@ def _plans(members: list[Member]) -> list[tuple[float, _Plan]]:
                     payload += cost
                 if ("gaps" in regions.values()) != bool(r):
                     continue
-                out.append((payload, _Plan(members, regions, alphabet, shift, grouped, r)))
+                out.append((payload, _Plan(members, regions, alphabet, shift, grouped, r, grid)))
     out.sort(key=lambda t: t[0])
     return out
 
@@ -248,7 +304,11 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
     bitmap, gap_pos, stored, fillers = [], [], [], []
     for i, (m, reg) in enumerate(zip(order, region)):
         nz = m.codes != 0
-        codes.append(m.codes if reg == "dense" else m.codes[nz])
+        mcodes = m.codes
+        if plan.grid is not None:  # level k of the member -> 1 + the index of its integer in the grid
+            lookup = np.concatenate([[0], np.searchsorted(plan.grid, m.affine[1]) + 1])
+            mcodes = lookup[m.codes]
+        codes.append(mcodes if reg == "dense" else mcodes[nz])
         stored.append(m.size if reg == "dense" else int(nz.sum()))
         if reg == "bitmap":
             bitmap.append(nz.astype(np.int64))
@@ -339,18 +399,47 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
         zero = numpy_helper.from_array(np.zeros(1, np.int32))
         idx = b.op("ScatterElements", [b.op("ConstantOfShape", [b.i64([n_total])], value=zero), pos, idx], axis=0)
     padding = 0 if masked else codes.size * per - n_codes  # all dense: the codes are V, padding cut off
-    pieces = b.split(idx, sizes + [padding] * bool(padding), [None] * (len(order) + bool(padding)))
-    # one table of every member's codebook (float16 where all are exact: one Cast), Split into them
-    tables = st._stored_floats(np.concatenate([_table(m) for m in order]).astype(np.float32), order[0].dtype)
-    book = b.payload("codebook", tables)
-    if tables.dtype != order[0].dtype:
-        book = b.op("Cast", [book], to=st._NP_TO_ONNX[order[0].dtype])
-    books = b.split(book, [m.levels.size + 1 for m in order], [None] * len(order))
+    dtype = order[0].dtype
+    to = st._NP_TO_ONNX[dtype]
     members = []
+    if plan.grid is not None:
+        # the grid [0, n_1, .., n_K] as int8, Cast, looked up once for all of V, then Split into the
+        # members, each times its step (one table of steps, float16 where exact, Split into them).
+        # The products are float32 (onnxruntime's CPU Mul has no float16 kernel to fold with), exact
+        # there (|n| <= 127 times an 11-bit float16 step), then Cast once to a float16 weight: the
+        # float16 product rounded once, as the weight's own.
+        f32 = TensorProto.FLOAT
+        grid = b.op("Cast", [b.payload("codebook", np.concatenate([[0], plan.grid]).astype(np.int8))], to=f32)
+        values = b.op("Gather", [grid, idx], axis=0)
+        pieces = b.split(values, sizes + [padding] * bool(padding), [None] * (len(order) + bool(padding)))
+        steps = st._stored_floats(np.array([m.affine[0] for m in order], np.float32), dtype)
+        step = b.payload("step", steps)
+        if steps.dtype != np.float32:
+            step = b.op("Cast", [step], to=f32)
+        step_of = b.split(step, [1] * len(order), [None] * len(order))
+    else:
+        pieces = b.split(idx, sizes + [padding] * bool(padding), [None] * (len(order) + bool(padding)))
+        # one table of every member's codebook (float16 where all are exact: one Cast), Split into them
+        tables = st._stored_floats(np.concatenate([_table(m) for m in order]).astype(np.float32), dtype)
+        book = b.payload("codebook", tables)
+        if tables.dtype != dtype:
+            book = b.op("Cast", [book], to=to)
+        books = b.split(book, [m.levels.size + 1 for m in order], [None] * len(order))
     for i, (m, reg, piece) in enumerate(zip(order, region, pieces)):
-        if len(m.shape) != 1:
-            piece = b.op("Reshape", [piece, b.i64(list(m.shape))])
-        b.op("Gather", [books[i], piece], m.name, axis=0)
+        if plan.grid is not None:
+            ops = ["Mul"] + ["Cast"] * (dtype != np.float32) + ["Reshape"] * (len(m.shape) != 1)
+            for j, op in enumerate(ops):
+                out = m.name if j == len(ops) - 1 else None
+                if op == "Mul":
+                    piece = b.op("Mul", [piece, step_of[i]], out)
+                elif op == "Cast":
+                    piece = b.op("Cast", [piece], out, to=to)
+                else:
+                    piece = b.op("Reshape", [piece, b.i64(list(m.shape))], out)
+        else:
+            if len(m.shape) != 1:
+                piece = b.op("Reshape", [piece, b.i64(list(m.shape))])
+            b.op("Gather", [books[i], piece], m.name, axis=0)
         members.append(
             [m.name, reg, list(m.shape), int(m.levels.size), stored[i], fillers[i], int(np.count_nonzero(m.codes))]
         )
@@ -359,6 +448,8 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
         entry["radix"] = [plan.alphabet, per, cbits]
     if plan.shift:
         entry["shift"] = 1
+    if plan.grid is not None:
+        entry["grid"] = int(plan.grid.size)
     return b, entry
 
 

@@ -142,7 +142,15 @@ _INT32_LIMIT = 2**31 - 1
 
 # Roles of the payload initializers (by the last component of their name) in storage_bytes / analyze;
 # every other decoder initializer counts as "graph".
-_ROLE_OF = {"codes": "codes", "data": "codes", "gaps": "positions", "codebook": "codebook", "values": "codes", "entries": "entries"}
+_ROLE_OF = {
+    "codes": "codes",
+    "data": "codes",
+    "gaps": "positions",
+    "codebook": "codebook",
+    "step": "codebook",
+    "values": "codes",
+    "entries": "entries",
+}
 
 
 def _split_entries(nbytes: int, bits: int, gap_bits: int) -> tuple[int, int]:
@@ -1526,12 +1534,16 @@ def _bundle_entries(
         for d in members.values()
     ]
     split = _apportion(data, code_bits + pos_bits)
-    graph_bytes = sum(_tensor_nbytes(t) for n, t in inits.items() if n != tag + "data" and not n.startswith(tag + "codebook"))
+    book_names = {tag + "step"} | {n for n in inits if n.startswith(tag + "codebook")}
+    graph_bytes = sum(_tensor_nbytes(t) for n, t in inits.items() if n != tag + "data" and n not in book_names)
     headers = sum(_framed(t.ByteSize()) - _tensor_nbytes(t) for t in inits.values())
     headers += sum(_framed(n.ByteSize()) for n in nodes)
     graph_share = _apportion(graph_bytes, [0] * len(names))
     node_share = _apportion(headers, [0] * len(names))
-    if tag + "codebook" in inits:  # one table for all members, shared out by their K + 1 entries
+    if tag + "step" in inits:  # affine: one integer grid and a step per member, shared out equally
+        grid_bytes = _tensor_nbytes(inits[tag + "codebook"]) + _tensor_nbytes(inits[tag + "step"])
+        books = _apportion(grid_bytes, [1] * len(names))
+    elif tag + "codebook" in inits:  # one table for all members, shared out by their K + 1 entries
         books = _apportion(_tensor_nbytes(inits[tag + "codebook"]), [d["K"] + 1 for d in members.values()])
     else:  # files of session 15: a table per member
         books = [_tensor_nbytes(inits[f"{tag}codebook{i}"]) if f"{tag}codebook{i}" in inits else 0 for i in range(len(names))]
