@@ -210,6 +210,63 @@ def test_quantized_retraining_pulls_shadows_to_their_levels():
         CompressConfig(quant_damping=-1).validate()
 
 
+def test_oscillating_weights_freeze_at_their_average_level(tmp_path):
+    """freeze_oscillations: a weight whose level flips back and forth every step is frozen once the
+    moving average of its reversals passes the threshold, at the level nearest its moving-average
+    value (its shadow exactly on that level), and put back there after any later step; weights that
+    move one way are never frozen; clustered layers are not tracked; a checkpoint keeps the state
+    and the next quantization step starts afresh."""
+    proto = load_model(MODEL)
+    heads = training_heads(proto)
+    module = OnnxGraphModule(proto, outputs=[h.name for h in heads])
+    train = Dataset({"input": np.zeros((8, 1, 8, 8), np.float32)}, np.arange(8) % 10)
+    quant = [{"conv2.weight": QuantSpec(bits=3), "fc2.weight": QuantSpec(clusters=2)}]
+    cfg = CompressConfig(batch_size=8, min_batches=1, freeze_oscillations=0.05).validate()
+    e = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], lambda s: None, True, quant=quant)
+    e.hard_prune(0)
+    p = e.params["conv2.weight"]
+    cb = torch.sort(e.state.grids["conv2.weight"].codebook[0]).values
+    lo, hi = float(cb[-2]), float(cb[-1])
+    mid, eps = (lo + hi) / 2, (hi - lo) / 10
+    flip, drift = 3, 5  # element 3 flips between the top two levels; element 5 climbs once
+    with torch.no_grad():
+        p.view(-1)[drift] = lo - eps
+    frozen_at = None
+    for t in range(40):
+        with torch.no_grad():
+            if frozen_at is None or t % 2:  # after freezing, keep trying to move it
+                p.view(-1)[flip] = mid + eps * (1 if t % 2 else -1)
+            p.view(-1)[drift] = lo - eps + (hi - lo) * min(t, 10) / 10  # one way, no reversal
+        e.track_oscillations()
+        o = e.state.osc["conv2.weight"]
+        if frozen_at is None and o["frozen"].view(-1)[flip]:
+            frozen_at = t
+    assert "fc2.weight" not in e.state.osc
+    o = e.state.osc["conv2.weight"]
+    # reversals from the third step on, each adding 1% to the average: 0.05 is passed at the 6th
+    assert frozen_at == 2 + 5
+    assert int(o["frozen"].sum()) == 1 and not o["frozen"].view(-1)[drift]
+    value = float(p.detach().view(-1)[flip])
+    assert value in (lo, hi)  # exactly on a level: no rounding threshold nearby
+    assert e.frozen_fraction() == pytest.approx(1 / p.numel())
+    # checkpoints keep the tracking; a new quantization step starts afresh
+    e.save(tmp_path / "ck.pt", None, {})
+    blob = torch.load(tmp_path / "ck.pt", weights_only=False)
+    e2 = Engine(module, heads, train, train, None, cfg, [dict(SIZES)], lambda s: None, True, quant=quant)
+    e2.load(blob)
+    assert torch.equal(e2.state.osc["conv2.weight"]["frozen"], o["frozen"])
+    e.hard_prune(0)
+    assert e.state.osc == {}
+    # off (the default): nothing tracked
+    off = Engine(module, heads, train, train, None, CompressConfig(batch_size=8, min_batches=1).validate(),
+                 [dict(SIZES)], lambda s: None, True, quant=quant)  # fmt: skip
+    off.hard_prune(0)
+    off.track_oscillations()
+    assert off.state.osc == {} and off.frozen_fraction() is None
+    with pytest.raises(ConfigError, match="freeze_oscillations"):
+        CompressConfig(freeze_oscillations=-0.1).validate()
+
+
 def test_centroid_step_uses_the_summed_member_gradient():
     """A centroid's gradient is the sum of its members' gradients: with members pushing both ways,
     the sign of the sum decides, and Adam's first step moves it by lr against that sign."""

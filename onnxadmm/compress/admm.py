@@ -81,6 +81,7 @@ class State:
     steps: int = 0  # optimizer steps taken
     optimizer: dict | None = None
     keep: dict | None = None  # the retargeted step's kept counts (see Engine.retarget), from that step on
+    osc: dict = field(default_factory=dict)  # onnx name -> oscillation tracking (see Engine.track_oscillations)
 
 
 class Engine:
@@ -362,6 +363,7 @@ class Engine:
 
                     st.codes[n] = grid_codes(wq, grid, st.masks.get(n))
         st.Z, st.U = {}, {}
+        st.osc = {}  # oscillations are tracked on this step's grids
 
     # ---- quantized retraining: a float shadow is trained, the forward pass sees its projection ----
     def quantized(self, n: str, w: torch.Tensor) -> torch.Tensor:
@@ -405,6 +407,60 @@ class Engine:
                 book = (grid.codebook[0].double() - update).float()
                 st.grids[n] = Grid(book[None], None, grid.kind, grid.bits)
                 p.grad = None  # the shadow of a clustered layer is not used while its codes are frozen
+
+    #: moving-average weight of each step in :meth:`track_oscillations` (a window of ~100 steps)
+    OSC_MOMENTUM = 0.01
+
+    def track_oscillations(self):
+        """After each quantized-retraining step: count, per weight of a uniform or binary layer, the
+        reversals of its level (a change in the opposite direction to its previous change), as a
+        moving average per step; a weight whose rate exceeds ``freeze_oscillations`` is frozen at
+        the level nearest its moving-average value and stays there (its shadow is put back after
+        every step). Straight-through shadows near a rounding threshold flip level step after step,
+        which is noise the final rounding turns into a coin toss (Nagel et al., 2022)."""
+        threshold, m = self.cfg.freeze_oscillations, self.OSC_MOMENTUM
+        if not threshold:
+            return
+        st = self.state
+        with torch.no_grad():
+            for n in st.grids:
+                if n in st.codes:  # clustered: codes frozen already
+                    continue
+                p = self.params[n]
+                o = st.osc.get(n)
+                if o is not None and o["frozen"].any():
+                    p.copy_(torch.where(o["frozen"], o["value"], p))
+                q = self.quantized(n, p.detach())
+                if o is None:
+                    z = torch.zeros_like(q)
+                    st.osc[n] = {"prev": q, "dir": z.clone(), "freq": z.clone(), "ema": q.clone(),
+                                 "frozen": torch.zeros_like(q, dtype=torch.bool), "value": z.clone()}  # fmt: skip
+                    continue
+                move = torch.sign(q - o["prev"])
+                moved = move != 0
+                reversed_ = moved & (o["dir"] != 0) & (move != o["dir"])
+                o["dir"] = torch.where(moved, move, o["dir"])
+                o["freq"].mul_(1 - m).add_(reversed_.to(q.dtype), alpha=m)
+                o["ema"].mul_(1 - m).add_(q, alpha=m)
+                o["prev"] = q
+                new = (o["freq"] > threshold) & ~o["frozen"]
+                if new.any():
+                    target = self.quantized(n, o["ema"])
+                    o["value"] = torch.where(new, target, o["value"])
+                    o["frozen"] |= new
+                    p.copy_(torch.where(new, target, p))
+                    o["prev"] = torch.where(new, target, o["prev"])
+
+    def frozen_fraction(self) -> float | None:
+        """Share of the tracked layers' kept weights frozen by :meth:`track_oscillations` (None: off)."""
+        if not self.state.osc:
+            return None
+        frozen = sum(int(o["frozen"].sum()) for o in self.state.osc.values())
+        kept = sum(
+            int(self.state.masks[n].sum()) if n in self.state.masks else o["frozen"].numel()
+            for n, o in self.state.osc.items()
+        )
+        return frozen / max(kept, 1)
 
     def swap_in_quantized(self) -> dict:
         """Put the quantized weights into the parameters; returns the shadows to restore."""
@@ -474,6 +530,8 @@ class Engine:
             optimizer.step()
             if self.state.masks:
                 self.apply_masks()
+            if not admm and self.state.grids:
+                self.track_oscillations()
             self.state.steps += 1
             run_loss += loss.item() * len(xs[0])
             seen += len(xs[0])
@@ -496,6 +554,9 @@ class Engine:
             out["residual"] = self.residual()
             out["rho"] = self.state.rho
             self.state.rho = min(self.state.rho * self.cfg.rho_multiplier, self.cfg.rho_max)
+        frozen = self.frozen_fraction()
+        if frozen is not None:
+            out["frozen"] = frozen
         out.update(self.evaluate())
         return out
 
@@ -515,6 +576,7 @@ class Engine:
             "history": st.history,
             "steps": st.steps,
             "keep": st.keep,
+            "osc": st.osc,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "module": self.m.state_dict(),
             "rng": self.rng.bit_generator.state,
@@ -533,5 +595,6 @@ class Engine:
         st.optimizer = blob["optimizer"]
         st.steps = blob["steps"]
         st.keep = blob.get("keep")
+        st.osc = blob.get("osc", {})
         self._apply_keep()
         self.rng.bit_generator.state = blob["rng"]

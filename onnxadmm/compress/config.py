@@ -91,6 +91,10 @@ class CompressConfig:
     # the 3-bit retraining of small sparse layers but raised no final accuracy, and cost binarizing
     # LeNet-5 0.3 points (docs/benchmarks.md, session 14)
     quant_damping: float = 0.0
+    # quantized retraining (uniform and binary levels): freeze a weight whose level oscillates, once
+    # the moving average (over ~100 steps) of its level reversals exceeds this rate per step; it stays
+    # at the level its moving-average value rounds to (Nagel et al., 2022). 0: off
+    freeze_oscillations: float = 0.0
     # after training, move each quantized layer's levels onto values float16 holds exactly where that
     # shifts none by more than 1/32 of a step (every grid up to 4 bits, every centroid; most 8-bit
     # grids stay): the codebooks in the file take half the bytes (LeNet-5 pruned 259x at 3 bits: 56
@@ -170,7 +174,7 @@ class CompressConfig:
             setattr(self, name, int(v))
         for name in (
             "epochs_per_iteration", "retrain_epochs", "final_retrain_epochs", "distill", "pseudo_labels",
-            "quant_damping", "lr_relative",
+            "quant_damping", "lr_relative", "freeze_oscillations",
         ):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

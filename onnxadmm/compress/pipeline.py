@@ -1043,6 +1043,8 @@ def _format_stats(label: str, s: dict) -> str:
         parts.append(f"rho {s['rho']:.3g}")
     if "residual" in s:
         parts.append(f"residual {s['residual']:.4f}")
+    if "frozen" in s:
+        parts.append(f"frozen {s['frozen']:.1%}")
     return "  ".join(parts)
 
 
