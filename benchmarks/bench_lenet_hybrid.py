@@ -63,6 +63,12 @@ def stage(model: Path, out: Path, data, log, **settings) -> dict:
         "seconds": time.perf_counter() - t0,
         "layers": {x["name"]: [x["shape"], x.get("shape_after"), x["nonzero"]] for x in rep["layers"]},
         "storage": storage(out),
+        # the final step's masked retraining, epoch by epoch (frozen: freeze_oscillations' share)
+        "retraining": [
+            {k: h[k] for k in ("loss", "val_accuracy", "frozen") if k in h}
+            for h in rep["history"]
+            if h["kind"] == "retrain" and h["step"] == len(rep["steps"]) - 1
+        ],
     }
     log(
         f"{settings}: accuracy {row['accuracy']:.4f} (input {row['input_accuracy']:.4f}), "
