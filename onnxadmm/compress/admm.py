@@ -428,28 +428,30 @@ class Engine:
                     continue
                 p = self.params[n]
                 o = st.osc.get(n)
-                if o is not None and o["frozen"].any():
-                    p.copy_(torch.where(o["frozen"], o["value"], p))
+                if o is not None and o["frozen"].any():  # a frozen weight's level is its "prev"
+                    p.copy_(torch.where(o["frozen"], o["prev"], p))
                 q = self.quantized(n, p.detach())
                 if o is None:
-                    z = torch.zeros_like(q)
-                    st.osc[n] = {"prev": q, "dir": z.clone(), "freq": z.clone(), "ema": q.clone(),
-                                 "frozen": torch.zeros_like(q, dtype=torch.bool), "value": z.clone()}  # fmt: skip
+                    st.osc[n] = {
+                        "prev": q,  # level after the last step
+                        "dir": torch.zeros_like(q, dtype=torch.int8),  # sign of the last level change
+                        "freq": torch.zeros_like(q),  # moving average of reversals per step
+                        "ema": q.clone(),  # moving average of the level
+                        "frozen": torch.zeros_like(q, dtype=torch.bool),
+                    }
                     continue
-                move = torch.sign(q - o["prev"])
+                move = torch.sign(q - o["prev"]).to(torch.int8)
                 moved = move != 0
                 reversed_ = moved & (o["dir"] != 0) & (move != o["dir"])
                 o["dir"] = torch.where(moved, move, o["dir"])
                 o["freq"].mul_(1 - m).add_(reversed_.to(q.dtype), alpha=m)
                 o["ema"].mul_(1 - m).add_(q, alpha=m)
-                o["prev"] = q
                 new = (o["freq"] > threshold) & ~o["frozen"]
                 if new.any():
-                    target = self.quantized(n, o["ema"])
-                    o["value"] = torch.where(new, target, o["value"])
+                    q = torch.where(new, self.quantized(n, o["ema"]), q)
                     o["frozen"] |= new
-                    p.copy_(torch.where(new, target, p))
-                    o["prev"] = torch.where(new, target, o["prev"])
+                    p.copy_(torch.where(new, q, p))
+                o["prev"] = q
 
     def frozen_fraction(self) -> float | None:
         """Share of the tracked layers' kept weights frozen by :meth:`track_oscillations` (None: off)."""
