@@ -187,6 +187,12 @@ def _defaults():
     help="Bits for the first and last compressible layers (default: the same as --bits).",
 )
 @click.option(
+    "--freeze-oscillations",
+    type=float,
+    help="Quantized retraining: freeze a weight whose level reverses more often than this per step "
+    f"(moving average over ~100 steps; 0: off). [default: {_defaults().freeze_oscillations}]",
+)
+@click.option(
     "--data",
     required=True,
     help="Training data: .npz (arrays named after inputs, or x; labels y), folder of .npy, or 'digits'.",

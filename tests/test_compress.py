@@ -765,6 +765,7 @@ def cli_run(work, fast_toml):
     out = work / "cli.onnx"
     args = ["compress", MODEL, out, "--data", "digits", "--rate", "20x", "--seed", "1", "--config", fast_toml]
     args += ["--final-retrain-epochs", "2", "--final-retrain-lr", "0.004", "--lr-relative", "0.02"]
+    args += ["--freeze-oscillations", "0.03"]
     r = invoke(*args, *CLI_FAST, "--json")
     return {"result": r, "out": out, "args": args}
 
@@ -778,7 +779,7 @@ def test_cli_compress(cli_run, baseline):
     assert rep["config"]["seed"] == 1 and rep["config"]["min_batches"] == 1
     assert rep["config"]["max_batches_per_epoch"] == 2 and rep["config"]["admm_iterations"] == 2
     assert rep["config"]["final_retrain_epochs"] == 2 and rep["config"]["final_retrain_lr"] == 0.004
-    assert rep["config"]["lr_relative"] == 0.02
+    assert rep["config"]["lr_relative"] == 0.02 and rep["config"]["freeze_oscillations"] == 0.03
     retrain = [h["step"] for h in rep["history"] if h["kind"] == "retrain"]
     assert retrain == [0, 1, 1]  # one epoch in the first of the two steps, two in the last
     report = out.with_name("cli.report.json")

@@ -80,6 +80,24 @@ def test_uniform_bits_per_tensor(tmp_path, bits):
             assert np.max(np.abs(np.round(levels / q))) <= 2 ** (bits - 1) - 1
 
 
+def test_prune_quantize_with_frozen_oscillations(tmp_path):
+    """End to end with freeze_oscillations: the retraining epochs report the frozen share (rising),
+    and the written weights are on their grids as without it."""
+    kw = dict(FAST, retrain_epochs=3, max_batches_per_epoch=10, freeze_oscillations=0.001)
+    out = tmp_path / "frz.onnx"
+    rep = compress(MODEL, out, "digits", quiet=True, rate=8, bits=3, **kw)
+    w = onnx_weights(out)
+    frozen = [h["frozen"] for h in rep["history"] if h["kind"] == "retrain" and h["step"] == len(rep["steps"]) - 1]
+    assert len(frozen) == 3 and 0 < frozen[0] <= frozen[-1] <= 1
+    assert not any("frozen" in h for h in rep["history"] if h["kind"] == "admm")
+    for n in WEIGHTS:
+        nz = np.unique(w[n][w[n] != 0])
+        assert 0 < len(nz) <= 8
+        mags = np.unique(np.concatenate([[0.0], np.abs(nz)]))
+        q = np.min(np.diff(mags))
+        assert np.allclose(nz / q, np.round(nz / q), atol=1e-4)
+
+
 def test_per_channel_levels(tmp_path):
     rep, w = run(tmp_path, "ch", bits=2, granularity="channel")
     for n in WEIGHTS:
