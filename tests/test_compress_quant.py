@@ -275,9 +275,9 @@ def test_oscillating_weights_freeze_at_their_average_level(tmp_path):
     assert torch.equal(e2.state.osc["conv2.weight"]["frozen"], o["frozen"])
     e.hard_prune(0)
     assert e.state.osc == {}
-    # off (the default): nothing tracked
-    off = Engine(module, heads, train, train, None, CompressConfig(batch_size=8, min_batches=1).validate(),
-                 [dict(SIZES)], lambda s: None, True, quant=quant)  # fmt: skip
+    # off: nothing tracked
+    cfg_off = CompressConfig(batch_size=8, min_batches=1, freeze_oscillations=0).validate()
+    off = Engine(module, heads, train, train, None, cfg_off, [dict(SIZES)], lambda s: None, True, quant=quant)
     off.hard_prune(0)
     off.track_oscillations()
     assert off.state.osc == {} and off.frozen_fraction() is None
