@@ -91,11 +91,12 @@ class CompressConfig:
     # the 3-bit retraining of small sparse layers but raised no final accuracy, and cost binarizing
     # LeNet-5 0.3 points (docs/benchmarks.md, session 14)
     quant_damping: float = 0.0
-    # quantized retraining (uniform and binary levels): freeze a weight whose level oscillates, once
+    # quantized retraining (uniform and binary levels below 8 bits): freeze a weight whose level oscillates, once
     # the moving average (over ~100 steps) of its level reversals exceeds this rate per step; it stays
     # at the level its moving-average value rounds to (Nagel et al., 2022). 0: off. LeNet-5 two-step
-    # (filter 20x, then 13x + 3 bits): 98.96-99.09% in four seeds against 98.79-99.00% without;
-    # dense LeNet-5 at 1-4 bits within -0.01..+0.06 points; about 5% more time (session 21)
+    # (filter 20x, then 13x + 3 bits): 98.90-99.09% in six seeds against 98.79-99.00% without;
+    # dense LeNet-5 at 1-4 bits within -0.01..+0.06 points, int8 -0.09 (so not at 8 bits); about 5%
+    # more time (session 21)
     freeze_oscillations: float = 0.02
     # after training, move each quantized layer's levels onto values float16 holds exactly where that
     # shifts none by more than 1/32 of a step (every grid up to 4 bits, every centroid; most 8-bit
