@@ -15,14 +15,14 @@ layers down first, so that the positions are coded within much smaller tensors:
 Both steps are plain onnxadmm runs; on the command line::
 
     onnxadmm compress lenet5.onnx stage1.onnx --structure filter --rate 20x --data train.npz --val-data test.npz
-    onnxadmm compress stage1.onnx out.onnx --rate 12.5x --bits 3 --retrain-epochs 12 \\
+    onnxadmm compress stage1.onnx out.onnx --rate 13x --bits 3 --retrain-epochs 12 \\
         --epochs-per-iteration 3 --data train.npz --val-data test.npz
 
 Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both steps). Storage:
 ``onnxadmm report``'s totals against the dense LeNet-5's 430,500 fp32 weights (1,722,000 bytes).
 Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
-    python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 12.5] [--bits 3] \\
+    python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 13] [--bits 3] \\
         [--dense-teacher] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx]
 """
 
@@ -82,7 +82,7 @@ def stage(model: Path, out: Path, data, log, **settings) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--structured-rate", type=float, default=20.0, help="stage 1: filter pruning rate")
-    ap.add_argument("--rate", type=float, default=12.5, help="stage 2: unstructured rate of the stage-1 weights")
+    ap.add_argument("--rate", type=float, default=13.0, help="stage 2: unstructured rate of the stage-1 weights")
     ap.add_argument("--bits", type=int, default=3, help="stage 2: bits of the surviving weights")
     ap.add_argument("--stage1", type=Path, help="reuse this stage-1 model instead of running stage 1")
     ap.add_argument("--set2", action="append", default=[], metavar="KEY=VALUE", help="stage-2 setting")
