@@ -1056,6 +1056,24 @@ def test_bundle_affine_grid_pays_and_falls_back():
     assert "grid" not in next(iter(_bundle_entries(out).values()))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_bundle_grid_never_makes_the_file_larger(bits, dtype, monkeypatch):
+    """The grid adds candidate layouts; it must not push the per-codebook ones out of those the
+    planner builds (session 21's first version did: equal payloads crowded the top ranks)."""
+    from onnxadmm.export import bundle as bd
+
+    rng = np.random.default_rng(40 + bits)
+    layers = {"a": ((24, 8, 3, 3), 0.5), "b": ((64, 90), 0.08), "c": ((10, 64), 0.9)}
+    weights, encodings = _affine_weights(rng, bits, dtype, layers=layers)
+    reference = _bundle_model(weights)
+    with_grid = apply_storage(reference, encodings, bundle="always")
+    monkeypatch.setattr(bd, "_grid", lambda members: None)
+    without = apply_storage(reference, encodings, bundle="always")
+    assert "grid" not in next(iter(_bundle_entries(without).values()))
+    assert with_grid.ByteSize() <= without.ByteSize()
+
+
 def test_affine_levels():
     """The step is found from the smallest level (divided by 1..4), rebuilt exactly or refused."""
     from onnxadmm.export.bundle import _affine

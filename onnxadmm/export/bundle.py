@@ -481,8 +481,10 @@ def build(
         raise OnnxAdmmError("bundle: more elements than int32 positions address")
     best = None
     ranked = _plans(members)
-    tried = ranked[:plans]  # the smallest payloads, and the best of each family (their decoders differ)
-    for candidate in ranked[plans:]:
+    # the smallest payloads with per-member codebooks and with a grid (equal payloads: the grid's
+    # must not crowd the others out, their decoders differ), and the best of each family
+    tried = [c for c in ranked if c[1].grid is None][:plans] + [c for c in ranked if c[1].grid is not None][:plans]
+    for candidate in ranked:
         if candidate[1].family not in {p.family for _, p in tried}:
             tried.append(candidate)
     for payload, plan in tried:
