@@ -23,7 +23,7 @@ Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both st
 Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
     python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 13] [--bits 3] \\
-        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx]
+        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx] [--keep-stage1 F.onnx]
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--out", type=Path, help="keep the stage-2 model here")
+    ap.add_argument("--keep-stage1", type=Path, help="keep the stage-1 model here (for --stage1 later)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
         if first is None:
             first = work / "stage1.onnx"
             result["stage1"] = stage(dense, first, data, log, structure="filter", rate=args.structured_rate)
+            if args.keep_stage1:
+                shutil.copyfile(first, args.keep_stage1)
         if args.dense_teacher:
             s2["teacher"] = str(dense)
         result["stage2"] = stage(first, work / "stage2.onnx", data, log, rate=args.rate, bits=args.bits, **s2)
