@@ -23,7 +23,7 @@ Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both st
 Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
     python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 13] [--bits 3] \\
-        [--dense-teacher] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx] [--keep-stage1 F.onnx]
+        [--dense-teacher] [--set1 KEY=VALUE ...] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx] [--keep-stage1 F.onnx]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=13.0, help="stage 2: unstructured rate of the stage-1 weights")
     ap.add_argument("--bits", type=int, default=3, help="stage 2: bits of the surviving weights")
     ap.add_argument("--stage1", type=Path, help="reuse this stage-1 model instead of running stage 1")
+    ap.add_argument("--set1", action="append", default=[], metavar="KEY=VALUE", help="stage-1 setting")
     ap.add_argument("--set2", action="append", default=[], metavar="KEY=VALUE", help="stage-2 setting")
     ap.add_argument(
         "--dense-teacher", action="store_true", help="stage 2 distils from the dense model (--teacher)"
@@ -98,17 +99,20 @@ def main(argv=None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     data = load_mnist()
     dense, info = dense_model(data, False, log)
-    s2 = dict(STAGE2)
-    for kv in args.set2:
-        k, _, v = kv.partition("=")
-        s2[k.strip()] = parse_value(v.strip())
+    s1, s2 = {}, dict(STAGE2)
+    for settings, pairs in ((s1, args.set1), (s2, args.set2)):
+        for kv in pairs:
+            k, _, v = kv.partition("=")
+            settings[k.strip()] = parse_value(v.strip())
     result = {"dense_accuracy": info["ort_accuracy"]}
     with tempfile.TemporaryDirectory(prefix="bench_hybrid_") as tmp:
         work = Path(tmp)
         first = args.stage1
         if first is None:
             first = work / "stage1.onnx"
-            result["stage1"] = stage(dense, first, data, log, structure="filter", rate=args.structured_rate)
+            result["stage1"] = stage(
+                dense, first, data, log, **{"structure": "filter", "rate": args.structured_rate, **s1}
+            )
             if args.keep_stage1:
                 shutil.copyfile(first, args.keep_stage1)
         if args.dense_teacher:
