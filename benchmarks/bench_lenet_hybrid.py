@@ -23,7 +23,8 @@ Accuracy: onnxruntime on the 10,000 MNIST test images (the --val-data of both st
 Stage 2 distils from the stage-1 model (its input), or with ``--dense-teacher`` from the dense one.
 
     python benchmarks/bench_lenet_hybrid.py [--structured-rate 20] [--rate 13] [--bits 3] \\
-        [--dense-teacher] [--set1 KEY=VALUE ...] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx] [--keep-stage1 F.onnx]
+        [--dense-teacher] [--set1 KEY=VALUE ...] [--set2 KEY=VALUE ...] [--json F] [--out F.onnx] \\
+        [--keep-stage1 F.onnx]
 """
 
 from __future__ import annotations
