@@ -789,13 +789,18 @@ def _bundle_weights(rng, bits, dtype=np.float32, layers=BUNDLE_LAYERS, k=None):
     k = k or 2**bits - 1
     for name, (shape, density) in layers.items():
         levels = (rng.uniform(0.1, 1.0, k) * rng.choice([-1, 1], k)).astype(dtype)
-        w = levels[rng.integers(0, levels.size, shape)]
-        keep = rng.random(shape) < density
-        keep.flat[rng.integers(w.size)] = True
-        w = np.where(keep, w, 0).astype(dtype)
-        weights[name] = w
-        encodings[name] = encode_from_values(w, np.append(levels.astype(np.float32), 0))
+        weights[name], encodings[name] = _on_levels(rng, levels, shape, density)
     return weights, encodings
+
+
+def _on_levels(rng, levels, shape, density):
+    """A weight of ``shape`` drawn from ``levels``, about ``density`` of it kept (at least one
+    element), and its codebook encoding; returns (weight, encoding)."""
+    w = levels[rng.integers(0, levels.size, shape)]
+    keep = rng.random(shape) < density
+    keep.flat[rng.integers(w.size)] = True
+    w = np.where(keep, w, 0).astype(levels.dtype)
+    return w, encode_from_values(w, np.append(levels.astype(np.float32), 0))
 
 
 def _bundle_model(weights: dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
@@ -941,12 +946,7 @@ def _affine_weights(rng, bits, dtype, layers=BUNDLE_LAYERS):
         step = np.asarray(rng.uniform(0.003, 0.2), dtype=dtype)
         own = ints[np.abs(ints) > 1] if name == "c2" and bits > 1 else ints
         levels = own.astype(dtype) * step
-        w = levels[rng.integers(0, levels.size, shape)]
-        keep = rng.random(shape) < density
-        keep.flat[rng.integers(w.size)] = True
-        w = np.where(keep, w, 0).astype(dtype)
-        weights[name] = w
-        encodings[name] = encode_from_values(w, np.append(levels.astype(np.float32), 0))
+        weights[name], encodings[name] = _on_levels(rng, levels, shape, density)
     return weights, encodings
 
 
