@@ -426,16 +426,13 @@ def _build(plan: _Plan, opset: int, tag: str) -> tuple[_Nodes, dict]:
             book = b.op("Cast", [book], to=to)
         books = b.split(book, [m.levels.size + 1 for m in order], [None] * len(order))
     for i, (m, reg, piece) in enumerate(zip(order, region, pieces)):
-        if plan.grid is not None:
-            ops = ["Mul"] + ["Cast"] * (dtype != np.float32) + ["Reshape"] * (len(m.shape) != 1)
-            for j, op in enumerate(ops):
-                out = m.name if j == len(ops) - 1 else None
-                if op == "Mul":
-                    piece = b.op("Mul", [piece, step_of[i]], out)
-                elif op == "Cast":
-                    piece = b.op("Cast", [piece], out, to=to)
-                else:
-                    piece = b.op("Reshape", [piece, b.i64(list(m.shape))], out)
+        if plan.grid is not None:  # Mul, then Cast and Reshape where needed; the last one is the weight
+            cast, reshape = dtype != np.float32, len(m.shape) != 1
+            piece = b.op("Mul", [piece, step_of[i]], None if cast or reshape else m.name)
+            if cast:
+                piece = b.op("Cast", [piece], None if reshape else m.name, to=to)
+            if reshape:
+                b.op("Reshape", [piece, b.i64(list(m.shape))], m.name)
         else:
             if len(m.shape) != 1:
                 piece = b.op("Reshape", [piece, b.i64(list(m.shape))])
